@@ -1,0 +1,449 @@
+"""
+sample.py -- student trajectories: loading a policy, encoding prompts, sampling rollouts and near-future probes.
+
+On-policy distillation is only on-policy if the tokens really come from the student. This file owns everything
+between "a list of prompts" and "the exact token ids the student sampled", and gets right what published OPD code
+often gets wrong (see ../shared/OPD_TRAPS.md):
+
+  * sampling settings are passed explicitly on every call: we run our own KV-cached decoding loop, so a checkpoint's
+    generation_config.json (Qwen ships top_k=20, top_p=0.8, temperature=0.7) can never silently change them (trap 2);
+  * prompts are left-padded, and the attention mask and position ids used for generation are exactly the ones the
+    scorers in teacher.py rebuild (trap 3);
+  * the response mask runs up to AND INCLUDING the first EOS of any of the model's EOS ids, and is never derived
+    from the pad id, which may equal EOS (trap 4); rollouts that hit max_new_tokens are flagged `truncated`;
+  * token ids are returned as ids (never decoded and re-encoded, trap 10), prompts are truncated from the left
+    before generation (trap 12), and randomness comes from a torch.Generator seeded by (seed, step, rank, ...)
+    so a run is reproducible and ranks never share samples (trap 16).
+
+The near-future machinery of TOPD (spec sec. 3 and 5) lives here too: `encode_prefixes` runs each state s_t through
+a model ONCE and keeps the KV cache; `sample_continuations` draws K continuations of H tokens from that cache.
+teacher.py scores continuations from the same cache.
+
+Commands:
+    python sample.py                          # demo on a tiny random Llama built from a config (CPU, seconds)
+    python sample.py --model runs/toy/student # sample from a real checkpoint folder (or a hub id)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from topd import token_logprobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and randomness
+# ----------------------------------------------------------------------------------------------------------------
+
+def load_policy(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """Any causal LM that transformers supports (a local folder or a hub id) plus its tokenizer, in eval mode.
+
+    eval() switches dropout off: sampling with dropout on would draw from a different policy than the one whose
+    log-probs we train (trap 6). train.py switches the student back to train() for its own forward pass.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import kept out of module import time
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+def make_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator whose seed is a hash of (seed, *indices), e.g. (seed, step, rank, purpose).
+
+    Hashing (rather than seed + rank) keeps streams independent: (seed=1, rank=0) and (seed=0, rank=1) differ.
+    """
+    digest = hashlib.sha256(repr((seed,) + tuple(int(i) for i in indices)).encode()).digest()
+    gen = torch.Generator(device=torch.device(device))
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS plus all EOS ids in the model's configs.
+
+    Qwen instruct models end turns with <|im_end|> (in generation_config) while tokenizer.eos_token may be
+    <|endoftext|>: stopping on only one of them makes rollouts run on past the real end (trap 4). We read the
+    EOS *ids* from generation_config, never its sampling settings.
+    """
+    ids: list[int] = []
+    sources = [getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
+               getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    for src in sources:
+        for i in ([src] if isinstance(src, int) else (src or [])):
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    if not ids:
+        raise ValueError("the model and tokenizer define no EOS token id; set tokenizer.eos_token")
+    return ids
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id written after EOS and in the left padding. Masks never depend on it (it may equal EOS)."""
+    pad = tokenizer.pad_token_id
+    return int(pad if pad is not None else tokenizer.eos_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+def encode_prompts(tokenizer, prompts, *, chat_template: bool = False, max_prompt_len: int | None = None,
+                   strict: bool = False, enable_thinking: bool | None = None):
+    """Prompts (strings, or lists of token ids passed through untouched) -> (list of id lists, number truncated).
+
+    chat_template: wrap each string as one user turn with the tokenizer's template and the generation prompt.
+    The template is rendered to text and then tokenised with add_special_tokens=False, because templates write
+    their own BOS; adding it again is a classic off-by-one between teacher and student (trap 11).
+    enable_thinking: passed to templates that take it (Qwen3); None leaves the template's default.
+    max_prompt_len: keep the LAST max_prompt_len tokens (the question sits at the end of a prompt; trap 12), or
+    raise with strict=True.
+    """
+    encoded, truncated = [], 0
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"prompt {i} is empty")
+            if chat_template:
+                if not getattr(tokenizer, "chat_template", None):
+                    raise ValueError("chat_template=True but the tokenizer has no chat template")
+                extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True, **extra)
+                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            else:
+                ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own special-token convention (e.g. BOS)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError(f"prompt {i} encodes to zero tokens")
+        if max_prompt_len is not None and len(ids) > max_prompt_len:
+            if strict:
+                raise ValueError(f"prompt {i} has {len(ids)} tokens > --max-prompt-len {max_prompt_len} (--strict)")
+            ids = ids[-max_prompt_len:]
+            truncated += 1
+        encoded.append(list(ids))
+    return encoded, truncated
+
+
+def left_pad(sequences, pad_id: int, device=None):
+    """List of id lists -> (ids (B, W), attention_mask (B, W)), padded on the LEFT.
+
+    Example: [[5, 6, 7], [8]] with pad 0 -> ids [[5, 6, 7], [0, 0, 8]], mask [[1, 1, 1], [0, 0, 1]].
+    Left padding puts every row's last real token in the last column, so one decoding step serves the whole batch.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if len(seq):
+            ids[row, width - len(seq):] = torch.as_tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding: mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2].
+
+    The model must see the same positions when it generates and when it is scored; HF's generate builds them this
+    way, and so do all our forward passes (trap 3). Padding slots get 0 (they are masked anyway).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The decoding loop
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class SamplingConfig:
+    """Every setting that shapes the sampling distribution, always passed explicitly (trap 2)."""
+    temperature: float = 1.0   # 1.0 = the policy itself; OPD's estimators assume it
+    top_k: int = 0             # 0 = off
+    top_p: float = 1.0         # 1.0 = off
+    max_new_tokens: int = 256  # response length cap; rollouts that hit it are `truncated`
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+            raise ValueError(f"invalid sampling settings: {self}")
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` in forward(); support both spellings.
+    A DDP wrapper forwards keyword arguments to the module it wraps, so look at that module's signature."""
+    inner = getattr(model, "module", model)
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty DynamicCache built for this model's layer types (sliding-window layers included)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def model_step(model, ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
+    """One forward pass that extends `cache` in place. Returns logits (N, L or keep, V) in the model's dtype."""
+    return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                 logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache}).logits
+
+
+def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Raw logits (N, V) -> fp32 logits of the distribution we actually sample from.
+
+    Temperature divides LOGITS (never log-probs, trap 2). Top-k / top-p set excluded logits to -inf.
+    """
+    z = logits.float()
+    if cfg.temperature != 1.0:
+        z = z / max(cfg.temperature, 1e-6)
+    if cfg.top_k and cfg.top_k < z.shape[-1]:
+        kth = torch.topk(z, cfg.top_k, dim=-1).values[..., -1:]  # (N, 1)
+        z = z.masked_fill(z < kth, -torch.inf)
+    if cfg.top_p < 1.0:
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop_sorted = (probs.cumsum(-1) - probs) >= cfg.top_p
+        z = z.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -torch.inf)
+    return z
+
+
+def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator):
+    """Sample one token per row. Returns (token (N,), its log-prob under the sampled distribution (N,))."""
+    z = sampling_logits(logits, cfg)
+    if cfg.temperature == 0:  # greedy decoding (evaluation only; not a sample from the policy)
+        token = z.argmax(-1)
+    else:
+        token = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator).squeeze(-1)
+    return token, token_logprobs(z, token)
+
+
+@torch.no_grad()
+def _decode(model, cache, first_logits, attention_mask, next_position, num_steps, cfg, generator, eos_ids, pad_id,
+            keep_logits: bool = False):
+    """KV-cached sampling of up to num_steps tokens after a prefilled cache.
+
+    first_logits (N, V) predict the first new token; attention_mask (N, W) covers what is in the cache;
+    next_position (N,) is the position id of the first new token. Returns tokens (N, S), their sampler log-probs
+    (N, S), the valid mask (N, S): 1 up to and including the first EOS, 0 after (rows that finished keep being fed
+    `pad_id`, which nothing ever attends to through the mask), and, with keep_logits, the raw model logits that
+    produced each token (N, S, V) (else None). S <= num_steps: decoding stops early once every row has ended.
+    """
+    eos = torch.as_tensor(eos_ids, device=first_logits.device)
+    done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=first_logits.device)
+    tokens, logps, valid, kept = [], [], [], []
+    logits = first_logits
+    for step in range(num_steps):
+        if keep_logits:
+            kept.append(logits)
+        token, logp = _draw(logits, cfg, generator)  # (N,), (N,)
+        token = torch.where(done, pad_id, token)
+        valid.append(~done)  # tokens up to and including the EOS are valid
+        tokens.append(token)
+        logps.append(logp)
+        done = done | torch.isin(token, eos)
+        if step == num_steps - 1 or bool(done.all()):  # one host sync per token, as in HF generate
+            break
+        attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
+        logits = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]
+        next_position = next_position + 1
+    return (torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long(),
+            torch.stack(kept, 1) if keep_logits else None)
+
+
+@dataclass
+class Rollouts:
+    """A batch of student responses, ready for the scorers in teacher.py.
+
+    ids            (B, P+R) long: left-padded prompt (P columns) then response (R columns), pad after EOS
+    attention_mask (B, P+R) long: 1 on real prompt tokens and on response tokens up to and including EOS
+    prompt_width   P: the response of every row starts at column P
+    response_mask  (B, R) long: the loss mask m_t of the spec (1 up to and including the first EOS)
+    truncated      (B,) bool: hit max_new_tokens without EOS
+    prompt_lens    (B,) long: real (unpadded) prompt lengths
+    logprobs       (B, R) fp32: the sampler's log-probs of the sampled tokens (for the sampler/learner check, trap 14)
+    """
+    ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_width: int
+    response_mask: torch.Tensor
+    truncated: torch.Tensor
+    prompt_lens: torch.Tensor
+    logprobs: torch.Tensor
+
+    @property
+    def response_ids(self) -> torch.Tensor:
+        return self.ids[:, self.prompt_width:]  # (B, R)
+
+    def prefix(self, row: int, t: int) -> torch.Tensor:
+        """State s_t as ids: the row's real prompt followed by its first t response tokens (1-D)."""
+        start = self.prompt_width - int(self.prompt_lens[row])
+        return self.ids[row, start:self.prompt_width + t]
+
+
+@torch.no_grad()
+def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad_id: int,
+                    generator: torch.Generator) -> Rollouts:
+    """Sample one response per prompt (list of id lists) with our cached loop. The model must be in eval()."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
+    cache = new_cache(model)
+    last_logits = model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)[:, -1]
+    tokens, logps, valid, _ = _decode(model, cache, last_logits, mask, mask.sum(-1), sampling.max_new_tokens,
+                                      sampling, generator, eos_ids, pad_id)  # (B, R) each
+    eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
+    return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
+                    prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
+                    prompt_lens=mask.sum(-1), logprobs=logps * valid)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Near-future probes: encode each state once, reuse its KV cache for all K continuations (spec sec. 3 and 5)
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class EncodedPrefixes:
+    """N states s_t, run through one model once.
+
+    The cache holds every prefix token EXCEPT the last one; the last token is fed again by whoever uses the cache.
+    That way both sampling (feed last token -> logits of c_0) and scoring (feed [last, c_0 .. c_{H-2}] -> logits of
+    c_0 .. c_{H-1}, with gradient when wanted) start from the same cached computation.
+    cache: KV cache of (N, W) left-padded tokens; attention_mask (N, W); last_token (N,); last_position (N,).
+    """
+    cache: object
+    attention_mask: torch.Tensor
+    last_token: torch.Tensor
+    last_position: torch.Tensor
+
+    def repeated(self, k: int):
+        """(cache, attention_mask, last_token, last_position) with every state repeated k times, row-major
+        (state 0 x k, state 1 x k, ...). A fresh copy of the cache, so the original can be reused."""
+        cache = copy.deepcopy(self.cache)
+        if self.attention_mask.shape[1]:
+            cache.batch_repeat_interleave(k)
+        return (cache, self.attention_mask.repeat_interleave(k, 0), self.last_token.repeat_interleave(k, 0),
+                self.last_position.repeat_interleave(k, 0))
+
+    def select(self, index: torch.Tensor) -> "EncodedPrefixes":
+        """The subset of states `index` (1-D long), e.g. the divergent ones, as a new object (cache copied)."""
+        cache = copy.deepcopy(self.cache)
+        if self.attention_mask.shape[1]:
+            cache.batch_select_indices(index)
+        return EncodedPrefixes(cache, self.attention_mask[index], self.last_token[index], self.last_position[index])
+
+    def __len__(self) -> int:
+        return len(self.last_token)
+
+
+@torch.no_grad()
+def encode_prefixes(model, prefixes, pad_id: int) -> EncodedPrefixes:
+    """Run the N states (list of 1-D id tensors, each >= 1 token) through the model once, without gradient."""
+    device = next(model.parameters()).device
+    if any(len(p) < 1 for p in prefixes):
+        raise ValueError("every prefix needs at least one token")
+    ids, mask = left_pad([p[:-1].tolist() for p in prefixes], pad_id, device)  # (N, W)
+    cache = new_cache(model)
+    if ids.shape[1]:
+        model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)
+    last = torch.stack([p[-1] for p in prefixes]).to(device)
+    return EncodedPrefixes(cache, mask, last, mask.sum(-1))
+
+
+@dataclass
+class Continuations:
+    """K sampled continuations of up to H tokens from each of N states.
+
+    ids (N, K, H) long, mask (N, K, H) long (1 up to and including EOS), logprobs (N, K, H) fp32 under the
+    sampling distribution (at temperature 1 these are the sampling model's own log-probs: no rescoring needed),
+    logits (N, K, H, V) in the model's dtype when asked for (the guidance windows need the teacher's full
+    distribution along its own continuation; keeping it here saves a second teacher forward), else None.
+    """
+    ids: torch.Tensor
+    mask: torch.Tensor
+    logprobs: torch.Tensor
+    logits: torch.Tensor | None = None
+
+    def select(self, index: torch.Tensor) -> "Continuations":
+        """The continuations of the states `index` (1-D long)."""
+        return Continuations(self.ids[index], self.mask[index], self.logprobs[index],
+                             None if self.logits is None else self.logits[index])
+
+
+@torch.no_grad()
+def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int, *, sampling: SamplingConfig,
+                         eos_ids, pad_id: int, generator: torch.Generator, keep_logits: bool = False) -> Continuations:
+    """K continuations of `horizon` tokens from each encoded state (the probe and the guidance windows).
+
+    The candidate token itself is re-drawn (rollback 1, spec sec. 3): the prefixes are s_t, which ends BEFORE y_t.
+    Only `horizon` and the EOS ids bound a continuation (sampling.max_new_tokens is not used here).
+    """
+    cache, mask, last, pos = prefixes.repeated(k)  # N*K rows
+    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, V)
+    tokens, logps, valid, logits = _decode(model, cache, first, mask, pos + 1, horizon, sampling, generator,
+                                           eos_ids, pad_id, keep_logits)
+    n, got = len(prefixes), tokens.shape[1]
+    if got < horizon:  # every row ended early: pad to the full horizon so shapes stay fixed
+        pad = (0, horizon - got)
+        tokens = torch.nn.functional.pad(tokens, pad, value=pad_id)
+        logps, valid = torch.nn.functional.pad(logps, pad), torch.nn.functional.pad(valid, pad)
+        if logits is not None:  # padded steps are masked; zero logits (uniform) keep every KL finite there
+            logits = torch.nn.functional.pad(logits, (0, 0) + pad)
+    shape = (n, k, horizon)
+    return Continuations(tokens.view(shape), valid.view(shape), (logps * valid).view(shape),
+                         None if logits is None else logits.view(shape + logits.shape[-1:]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Demo
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tiny_random_model():
+    """A 2-layer Llama with a 64-token vocabulary and a stand-in tokenizer-free setup, for the demo and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: a tiny random Llama)")
+    parser.add_argument("--prompt", action="append", default=None, help="prompt text (repeatable)")
+    parser.add_argument("--chat-template", action="store_true", help="wrap prompts with the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    gen = make_generator(args.seed, 0, 0)
+    if args.model is None:
+        model, tokenizer, pad, eos = _tiny_random_model(), None, 0, [2]
+        prompt_ids = [[1, 10, 11, 12], [1, 20]]
+    else:
+        model, tokenizer = load_policy(args.model)
+        pad, eos = pad_token_id(tokenizer), eos_token_ids(model, tokenizer)
+        prompt_ids, n_trunc = encode_prompts(tokenizer, args.prompt or ["1+2=?\n"], chat_template=args.chat_template)
+    ro = sample_rollouts(model, prompt_ids, sampling=sampling, eos_ids=eos, pad_id=pad, generator=gen)
+    print(f"prompt width P={ro.prompt_width}, response columns R={ro.response_ids.shape[1]}")
+    for b in range(len(prompt_ids)):
+        resp = ro.response_ids[b][ro.response_mask[b].bool()].tolist()
+        text = tokenizer.decode(resp) if tokenizer is not None else resp
+        print(f"row {b}: prompt_len={int(ro.prompt_lens[b])} truncated={bool(ro.truncated[b])} response={text!r}")
+    enc = encode_prefixes(model, [ro.prefix(0, 3), ro.prefix(1, 1)], pad)
+    cont = sample_continuations(model, enc, k=2, horizon=5, sampling=sampling, eos_ids=eos, pad_id=pad, generator=gen)
+    print("probe: 2 states x 2 continuations x 5 tokens, from one encoding of each state:")
+    print(cont.ids.tolist())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""
+teacher.py -- scoring token sequences with a frozen teacher (and, with the same functions, with the student).
+
+The teacher never generates the student's trajectory; it only scores the exact ids the student sampled. Getting
+that right is mostly bookkeeping, and this file keeps the bookkeeping in one place:
+
+  * `check_compatible` refuses a teacher whose tokenizer maps ids to different strings (or has different
+    special tokens) BEFORE any forward pass, naming both models and the first differing token. Models of one
+    family whose `config.vocab_size` differ only by padding rows (Qwen2.5: 151936 vs 152064) are accepted; the
+    logits are sliced to the tokenizer's size (trap 10).
+  * `response_logits` rebuilds the attention mask and the position ids of left-padded rows exactly as
+    sample.py generated them (trap 3), and returns the logits ALIGNED with the response ids: the logit at
+    position i predicts token i+1, so response column r (sequence index P+r) is predicted by sequence index
+    P+r-1 (trap 1). Only the response positions go through the LM head (`logits_to_keep`), so a long prompt costs
+    no (B, P, V) logits.
+  * The teacher runs in eval(), with requires_grad_(False), under torch.no_grad() -- NOT torch.inference_mode():
+    inference tensors cannot enter autograd later, and the teacher's logits do enter the student's loss (trap 6).
+  * Full-vocabulary outputs stay in the model's dtype (bf16 on GPU); the fp32 upcast happens chunk by chunk inside
+    topd.py's kernels, so no (B, T, V) fp32 tensor ever exists (trap 7).
+
+The same scoring functions serve the student side of TOPD (its grad-carrying forward over its rollouts, its
+scores of the teacher's probe continuations, its forward over the guidance windows): one implementation of the
+shift and the padding logic for both models.
+
+Commands:
+    python teacher.py                                         # demo: tiny random teacher/student, KL per token
+    python teacher.py --student runs/toy/student --teacher runs/toy/teacher   # check and score real checkpoints
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from sample import (Continuations, EncodedPrefixes, Rollouts, model_step, position_ids_from_mask)
+from topd import DEFAULT_CHUNK, token_logprobs
+
+
+def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A frozen teacher: eval mode, no parameter requires grad. Returns (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def check_compatible(student_tokenizer, teacher_tokenizer, student_config=None, teacher_config=None,
+                     student_name: str = "student", teacher_name: str = "teacher") -> int:
+    """Raise ValueError unless both models read token ids the same way. Returns the shared vocabulary size.
+
+    Same mapping = every id decodes to the same token string in both vocabularies, and the BOS / EOS / PAD tokens
+    agree. config.vocab_size may differ (padding rows), but each must cover the tokenizer.
+    """
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        s_by_id = {i: tok for tok, i in s_vocab.items()}
+        t_by_id = {i: tok for tok, i in t_vocab.items()}
+        for i in range(max(len(s_by_id), len(t_by_id), max(s_by_id, default=0) + 1, max(t_by_id, default=0) + 1)):
+            if s_by_id.get(i) != t_by_id.get(i):
+                raise ValueError(
+                    f"tokenizers differ: {student_name} and {teacher_name} map id {i} to "
+                    f"{s_by_id.get(i)!r} vs {t_by_id.get(i)!r} (vocab sizes {len(s_vocab)} vs {len(t_vocab)}). "
+                    "On-policy distillation needs the teacher to score the student's exact ids.")
+    for attr in ("bos_token", "eos_token", "pad_token"):
+        s_tok, t_tok = getattr(student_tokenizer, attr, None), getattr(teacher_tokenizer, attr, None)
+        if attr != "pad_token" and s_tok != t_tok:
+            raise ValueError(f"{attr} differs: {student_name} has {s_tok!r}, {teacher_name} has {t_tok!r}")
+    size = len(student_tokenizer)
+    for name, cfg in ((student_name, student_config), (teacher_name, teacher_config)):
+        if cfg is not None and getattr(cfg, "vocab_size", size) < size:
+            raise ValueError(f"{name}: config.vocab_size={cfg.vocab_size} is smaller than its tokenizer ({size})")
+    return size
+
+
+def response_logits(model, rollouts: Rollouts) -> torch.Tensor:
+    """Logits (B, R, V), model dtype, ALIGNED with rollouts.response_ids (gradient iff the caller allows it).
+
+    Worked example (P = 3 prompt columns, R = 2 response tokens, one left-padded row):
+        ids      [pad, x1, x2 | y1, y2]      attention [0, 1, 1 | 1, 1]     positions [0, 0, 1 | 2, 3]
+        logits index            1   2   3   (index i predicts token i+1)
+        predicts               x2  y1  y2   -> we keep indices P-1 .. P+R-2 = [2, 3] for [y1, y2]
+    `logits_to_keep = R + 1` returns indices P-1 .. P+R-1; the last one (predicting past the end) is dropped.
+    Positions after a row's EOS are masked out of the attention; their logits exist but the loss mask drops them.
+    """
+    R = rollouts.ids.shape[1] - rollouts.prompt_width
+    logits = model(input_ids=rollouts.ids, attention_mask=rollouts.attention_mask,
+                   position_ids=position_ids_from_mask(rollouts.attention_mask), use_cache=False,
+                   logits_to_keep=R + 1).logits  # (B, R+1, V)
+    return logits[:, :-1]
+
+
+@torch.no_grad()
+def score_rollouts(model, rollouts: Rollouts, estimator: str, *, vocab_size: int | None = None,
+                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """What topd.opd_token_loss needs from the teacher.
+
+    estimator "full":    teacher logits (B, R, V) in the model's dtype;
+    estimator "sampled": log pi_T(y_t | s_t) of the sampled tokens (B, R) fp32, masked positions set to 0.
+    """
+    logits = response_logits(model, rollouts)
+    if estimator == "full":
+        return logits
+    if estimator == "sampled":
+        logp = token_logprobs(logits, rollouts.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
+        return logp * rollouts.response_mask
+    raise ValueError(f"unknown estimator {estimator!r}")
+
+
+def continuation_logits(model, prefixes: EncodedPrefixes, ids: torch.Tensor) -> torch.Tensor:
+    """Logits (N, K, H, V) for K continuations `ids` (N, K, H) of each encoded state, reusing its KV cache.
+
+    The cache holds each prefix minus its last token (sample.EncodedPrefixes), so we feed
+    [last, c_0, ..., c_{H-2}] and the H outputs predict c_0 .. c_{H-1}: every continuation token, including the
+    first, gets a logit computed in THIS forward, which is what lets the guidance loss put gradient on all H.
+    Gradient flows iff the caller has it enabled (the cache itself is constant).
+    """
+    N, K, H = ids.shape
+    cache, mask, last, pos = prefixes.repeated(K)  # N*K rows
+    inputs = torch.cat([last[:, None], ids.reshape(N * K, H)[:, :-1]], dim=1)  # (N*K, H)
+    mask = torch.cat([mask, torch.ones_like(inputs)], dim=1)  # tokens after a continuation's EOS only affect
+    positions = pos[:, None] + torch.arange(H, device=ids.device)  # later, masked positions (causal attention)
+    logits = model_step(model, inputs, mask, positions, cache)  # (N*K, H, V)
+    return logits.view(N, K, H, -1)
+
+
+@torch.no_grad()
+def score_continuations(model, prefixes: EncodedPrefixes, conts: Continuations, *, vocab_size: int | None = None,
+                        chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """log pi(c_j | s_t, c_<j) (N, K, H) fp32 of another model's continuations, 0 after each EOS (probe margins)."""
+    logits = continuation_logits(model, prefixes, conts.ids)
+    return token_logprobs(logits, conts.ids, vocab_size=vocab_size, chunk_size=chunk_size) * conts.mask
+
+
+def main(argv=None):
+    from sample import _tiny_random_model, make_generator, sample_rollouts, SamplingConfig, load_policy, \
+        encode_prompts, eos_token_ids, pad_token_id
+    from topd import per_token_kl
+
+    parser = argparse.ArgumentParser(description="score student rollouts with a teacher (demo)")
+    parser.add_argument("--student", default=None)
+    parser.add_argument("--teacher", default=None)
+    parser.add_argument("--prompt", default="12+34=?\n")
+    args = parser.parse_args(argv)
+    if args.student is None:
+        student, teacher = _tiny_random_model(), _tiny_random_model()
+        with torch.no_grad():  # perturb the teacher so that the KL is not zero
+            for p in teacher.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        teacher.requires_grad_(False)
+        prompt_ids, pad, eos, vocab = [[1, 5, 6, 7], [1, 9]], 0, [2], None
+    else:
+        student, s_tok = load_policy(args.student)
+        teacher, t_tok = load_teacher(args.teacher)
+        vocab = check_compatible(s_tok, t_tok, student.config, teacher.config, args.student, args.teacher)
+        prompt_ids, _ = encode_prompts(s_tok, [args.prompt])
+        pad, eos = pad_token_id(s_tok), eos_token_ids(student, s_tok)
+    ro = sample_rollouts(student, prompt_ids, sampling=SamplingConfig(max_new_tokens=16), eos_ids=eos, pad_id=pad,
+                         generator=make_generator(0, 0, 0))
+    with torch.no_grad():
+        kl = per_token_kl(response_logits(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
+    for b in range(kl.shape[0]):
+        n = int(ro.response_mask[b].sum())
+        print(f"row {b}: {n} response tokens, reverse KL per token:", [round(x, 3) for x in kl[b, :n].tolist()])
+
+
+if __name__ == "__main__":
+    main()

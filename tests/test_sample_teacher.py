@@ -1,0 +1,329 @@
+"""Tiny-model tests of sample.py and teacher.py: real HF models built from a config, saved and loaded back."""
+
+import pytest
+import torch
+
+import sample
+import teacher as teacher_mod
+import topd
+from toy import EOS_ID, PAD_ID, build_tokenizer
+
+
+def _llama(seed, vocab_size=25, layers=2, logit_scale=None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=1, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # a sharper distribution than the near-uniform init, so tests can tell samplers apart
+        model.lm_head.weight.mul_(logit_scale if logit_scale is not None else 30.0)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Student and teacher checkpoints on disk, loaded back through from_pretrained like any hub model."""
+    root = tmp_path_factory.mktemp("ckpt")
+    tok = build_tokenizer()
+    for name, seed in (("student", 0), ("teacher", 1)):
+        _llama(seed).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    student, s_tok = sample.load_policy(str(root / "student"))
+    teacher, t_tok = teacher_mod.load_teacher(str(root / "teacher"))
+    return root, student, s_tok, teacher, t_tok
+
+
+def _rollouts(model, tok, prompts, seed=0, max_new=12, **kw):
+    ids, _ = sample.encode_prompts(tok, prompts)
+    return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=max_new, **kw),
+                                  eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0))
+
+
+PROMPTS = ["15+16-47=?\n", "3+4=?\n", "99-1+12=?\n"]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def test_loaded_models_are_in_the_right_mode(saved):
+    _, student, _, teacher, _ = saved
+    assert not student.training and not teacher.training
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in student.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+def test_encode_prompts_truncates_from_the_left_and_counts():
+    tok = build_tokenizer()
+    full, n = sample.encode_prompts(tok, ["12+34=?\n", "1+2=?\n"])
+    assert n == 0 and full[0][0] == 1  # <bos> first
+    cut, n = sample.encode_prompts(tok, ["12+34=?\n", "1+2=?\n"], max_prompt_len=7)
+    assert n == 1 and cut[0] == full[0][-7:] and cut[1] == full[1]
+    with pytest.raises(ValueError, match="max-prompt-len"):
+        sample.encode_prompts(tok, ["12+34=?\n"], max_prompt_len=7, strict=True)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sample.encode_prompts(tok, ["1=?\n", "  "])
+    # token ids pass through untouched, and the chat template writes its own BOS exactly once
+    assert sample.encode_prompts(tok, [[5, 6, 7]])[0] == [[5, 6, 7]]
+    assert sample.encode_prompts(tok, ["1+2=?\n"], chat_template=True)[0] == sample.encode_prompts(tok, ["1+2=?\n"])[0]
+
+
+def test_left_pad_and_positions():
+    ids, mask = sample.left_pad([[5, 6, 7], [8]], 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert sample.position_ids_from_mask(torch.tensor([[0, 0, 1, 1, 1]])).tolist() == [[0, 0, 0, 1, 2]]
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+def test_sampling_logits_top_k_top_p_temperature():
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda cfg: torch.isfinite(sample.sampling_logits(z, cfg))[0].tolist()  # noqa: E731
+    assert kept(sample.SamplingConfig(top_k=2)) == [True, True, False, False]
+    assert kept(sample.SamplingConfig(top_p=0.8)) == [True, True, False, False]   # 0.5 + 0.3 reaches 0.8
+    assert kept(sample.SamplingConfig(top_p=0.81)) == [True, True, True, False]
+    assert kept(sample.SamplingConfig()) == [True] * 4
+    t2 = torch.softmax(sample.sampling_logits(z, sample.SamplingConfig(temperature=2.0)), -1)
+    assert torch.allclose(t2, torch.softmax(z / 2, -1))  # temperature divides logits
+    with pytest.raises(ValueError):
+        sample.SamplingConfig(top_p=0.0)
+
+
+def test_generation_config_cannot_override_sampling(tmp_path):
+    """A checkpoint shipping temperature=0.01, top_k=1 still samples from softmax(logits) (trap 2)."""
+    model = _llama(3, logit_scale=8.0)
+    model.generation_config.do_sample = True
+    model.generation_config.temperature = 0.01
+    model.generation_config.top_k = 1
+    model.generation_config.top_p = 0.5
+    model.save_pretrained(tmp_path / "m")
+    build_tokenizer().save_pretrained(tmp_path / "m")
+    loaded, tok = sample.load_policy(str(tmp_path / "m"))
+    assert loaded.generation_config.top_k == 1  # the preset really is in the checkpoint
+    n = 20000
+    prompt = sample.encode_prompts(tok, ["15+16=?\n"])[0][0]
+    ro = sample.sample_rollouts(loaded, [prompt] * n, sampling=sample.SamplingConfig(max_new_tokens=1),
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 0, 0))
+    empirical = torch.bincount(ro.response_ids[:, 0], minlength=25).float() / n
+    with torch.no_grad():
+        exact = torch.softmax(loaded(torch.tensor([prompt])).logits[0, -1].float(), -1)
+    tv = 0.5 * (empirical - exact).abs().sum().item()
+    assert exact.max() < 0.9  # a distribution where top_k=1 would be visibly different
+    assert tv < 0.03, f"total variation {tv:.3f}: samples do not follow softmax(logits)"
+
+
+def test_pad_equals_eos_keeps_first_eos_in_mask():
+    """pad id == EOS id (trap 4): the mask must come from the FIRST EOS, not from the pad id."""
+    model = _llama(4, logit_scale=0.01)  # near-uniform over 25 tokens: EOS comes at random times
+    ids = [[1, 5, 6]] * 64
+    ro = sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=30), eos_ids=[EOS_ID],
+                                pad_id=EOS_ID, generator=sample.make_generator(1, 0, 0))
+    resp, mask = ro.response_ids, ro.response_mask
+    assert ro.truncated.any() and not ro.truncated.all()
+    for b in range(len(ids)):
+        row = resp[b].tolist()
+        if EOS_ID in row:
+            first = row.index(EOS_ID)
+            assert mask[b, :first + 1].all() and not mask[b, first + 1:].any()
+            assert not ro.truncated[b]
+        else:
+            assert mask[b].all() and ro.truncated[b]
+    assert torch.equal(ro.attention_mask[:, ro.prompt_width:], mask)
+
+
+def test_same_seed_same_rollouts_other_rank_differs(saved):
+    _, student, tok, _, _ = saved
+    prompt_ids, _ = sample.encode_prompts(tok, PROMPTS)
+    cfg = sample.SamplingConfig(max_new_tokens=16)
+
+    def run(seed, step, rank):
+        return sample.sample_rollouts(student, prompt_ids, sampling=cfg, eos_ids=[EOS_ID], pad_id=PAD_ID,
+                                      generator=sample.make_generator(seed, step, rank)).ids
+
+    a, b, c = run(7, 3, 0), run(7, 3, 0), run(7, 3, 1)
+    assert torch.equal(a, b)
+    assert a.shape != c.shape or not torch.equal(a, c)
+    # hashing, not adding: (seed 1, rank 0) and (seed 0, rank 1) are different streams
+    g1, g2 = sample.make_generator(1, 0, 0), sample.make_generator(0, 0, 1)
+    assert not torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+def test_eos_token_ids_collects_every_source():
+    class Cfg:
+        eos_token_id = [2, 7]
+
+    class Model:
+        config = Cfg()
+        generation_config = type("G", (), {"eos_token_id": 9})()
+
+    tok = build_tokenizer()
+    assert sample.eos_token_ids(Model(), tok) == [2, 7, 9]
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def test_left_padded_batch_scores_like_each_row_alone(saved):
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS)
+    with torch.no_grad():
+        batch = teacher_mod.response_logits(teacher, ro)  # (B, R, V)
+    for b in range(len(PROMPTS)):
+        n_prompt, n_resp = int(ro.prompt_lens[b]), int(ro.response_mask[b].sum())
+        start = ro.prompt_width - n_prompt
+        alone = sample.Rollouts(ids=ro.ids[b:b + 1, start:ro.prompt_width + n_resp],
+                                attention_mask=torch.ones(1, n_prompt + n_resp, dtype=torch.long),
+                                prompt_width=n_prompt, response_mask=ro.response_mask[b:b + 1, :n_resp],
+                                truncated=ro.truncated[b:b + 1], prompt_lens=ro.prompt_lens[b:b + 1],
+                                logprobs=ro.logprobs[b:b + 1, :n_resp])
+        with torch.no_grad():
+            single = teacher_mod.response_logits(teacher, alone)[0]
+        assert (batch[b, :n_resp] - single).abs().max() < 1e-5
+
+
+def test_response_logits_are_shifted_correctly(saved):
+    """The logit aligned with response token r is the one computed at the token BEFORE it (trap 1)."""
+    _, student, tok, _, _ = saved
+    ro = _rollouts(student, tok, ["12+3=?\n"])
+    with torch.no_grad():
+        full = student(ro.ids).logits  # (1, P+R, V), one row so no padding
+        aligned = teacher_mod.response_logits(student, ro)
+    P, R = ro.prompt_width, ro.response_ids.shape[1]
+    assert torch.allclose(aligned[0], full[0, P - 1:P + R - 1], atol=1e-5)
+    assert not torch.allclose(aligned[0], full[0, P:P + R], atol=1e-3)
+
+
+def test_sampler_logprobs_match_learner_logprobs(saved):
+    """Sampler vs learner log-probs of the same tokens agree in-process (trap 14)."""
+    _, student, tok, _, _ = saved
+    ro = _rollouts(student, tok, PROMPTS, max_new=20)
+    with torch.no_grad():
+        learner = topd.token_logprobs(teacher_mod.response_logits(student, ro), ro.response_ids)
+    diff = ((learner - ro.logprobs) * ro.response_mask).abs().max()
+    assert diff < 1e-4
+
+
+def test_teacher_equal_student_gives_zero_kl_and_other_teacher_does_not(saved):
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS)
+    with torch.no_grad():
+        s_logits = teacher_mod.response_logits(student, ro)
+        same = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(student, ro, "full"))
+        other = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(teacher, ro, "full"))
+    m = ro.response_mask.bool()
+    assert same[m].abs().max() < 1e-5
+    assert other[m].mean() > 0.1
+    lp = teacher_mod.score_rollouts(teacher, ro, "sampled")
+    assert lp.shape == ro.response_ids.shape and (lp[~m] == 0).all() and (lp[m] < 0).all()
+
+
+def test_vocab_padding_accepted_and_sliced(saved):
+    """A teacher with extra padding rows in config.vocab_size (151936 vs 152064 in miniature) is accepted and
+    gives exactly the KL of the unpadded teacher once sliced to the tokenizer's size (trap 10)."""
+    _, student, tok, teacher, t_tok = saved
+    padded = _llama(1)
+    padded.load_state_dict(teacher.state_dict())
+    padded.resize_token_embeddings(32)  # 7 extra rows with random weights
+    padded.eval().requires_grad_(False)
+    assert padded.config.vocab_size == 32
+    vocab = teacher_mod.check_compatible(tok, t_tok, student.config, padded.config)
+    assert vocab == 25
+    ro = _rollouts(student, tok, PROMPTS)
+    with torch.no_grad():
+        s_logits = teacher_mod.response_logits(student, ro)
+        ref = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(teacher, ro, "full"))
+        got = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(padded, ro, "full"), vocab_size=vocab)
+    assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_incompatible_tokenizer_rejected_with_a_clear_message():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    s_tok = build_tokenizer()
+    vocab = dict(s_tok.get_vocab())
+    vocab[";"], vocab[","] = vocab[","], vocab[";"]  # two tokens swapped: same size, different mapping
+    other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=None)),
+                                    bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    with pytest.raises(ValueError) as err:
+        teacher_mod.check_compatible(s_tok, other, student_name="qwen-small", teacher_name="llama-big")
+    msg = str(err.value)
+    assert "qwen-small" in msg and "llama-big" in msg and "';'" in msg and "','" in msg
+    # a different EOS is also refused
+    diff_eos = build_tokenizer()
+    diff_eos.eos_token = "<pad>"
+    with pytest.raises(ValueError, match="eos_token"):
+        teacher_mod.check_compatible(s_tok, diff_eos)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+def test_kv_cache_reuse_matches_reencoding(saved):
+    """Continuations and scores from the cached prefix equal those from re-encoding everything."""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS[:2], max_new=10)
+    prefixes = [ro.prefix(0, 4), ro.prefix(1, 2)]
+    enc = sample.encode_prefixes(student, prefixes, PAD_ID)
+    H, K = 6, 3
+    # greedy continuations from the cache == greedy decoding by re-running the whole sequence each step
+    greedy = sample.sample_continuations(student, enc, 1, H, sampling=sample.SamplingConfig(temperature=0.0),
+                                         eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0))
+    for i, p in enumerate(prefixes):
+        seq = p.clone()
+        with torch.no_grad():
+            for j in range(H):
+                if not greedy.mask[i, 0, j]:
+                    break
+                nxt = student(seq[None]).logits[0, -1].argmax()
+                assert nxt == greedy.ids[i, 0, j]
+                seq = torch.cat([seq, nxt[None]])
+    # sampled continuations (T = 1): sampler log-probs, cached scores by the teacher, and cached logits kept
+    # during sampling all equal a plain forward over prefix + continuation
+    conts = sample.sample_continuations(student, enc, K, H, sampling=sample.SamplingConfig(), eos_ids=[EOS_ID],
+                                        pad_id=PAD_ID, generator=sample.make_generator(1), keep_logits=True)
+    t_enc = sample.encode_prefixes(teacher, prefixes, PAD_ID)
+    t_scores = teacher_mod.score_continuations(teacher, t_enc, conts)
+    with torch.no_grad():
+        cached_logits = teacher_mod.continuation_logits(student, enc, conts.ids)
+    for i, p in enumerate(prefixes):
+        for k in range(K):
+            seq = torch.cat([p, conts.ids[i, k]])[None]
+            m = conts.mask[i, k].bool()
+            with torch.no_grad():
+                s_full = student(seq).logits[0, len(p) - 1:len(p) - 1 + H]
+                t_full = teacher(seq).logits[0, len(p) - 1:len(p) - 1 + H]
+            s_lp = topd.token_logprobs(s_full, conts.ids[i, k])
+            t_lp = topd.token_logprobs(t_full, conts.ids[i, k])
+            assert (conts.logprobs[i, k][m] - s_lp[m]).abs().max() < 1e-4
+            assert (t_scores[i, k][m] - t_lp[m]).abs().max() < 1e-4
+            assert (cached_logits[i, k][m] - s_full[m]).abs().max() < 1e-4
+            assert (conts.logits[i, k][m] - s_full[m]).abs().max() < 1e-4
+
+
+def test_continuation_logits_carry_gradient_through_the_window_only(saved):
+    _, student, tok, _, _ = saved
+    ro = _rollouts(student, tok, PROMPTS[:1])
+    enc = sample.encode_prefixes(student, [ro.prefix(0, 3)], PAD_ID)
+    ids = torch.randint(3, 25, (1, 2, 4))
+    logits = teacher_mod.continuation_logits(student, enc, ids)
+    assert logits.shape == (1, 2, 4, 25) and logits.requires_grad
+    logits.sum().backward()
+    assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+    student.zero_grad(set_to_none=True)
+    # the prefix cache can be reused after a backward: it holds constants
+    again = teacher_mod.continuation_logits(student, enc, ids)
+    assert torch.allclose(again, logits.detach(), atol=1e-6)
+
+
+def test_encoded_prefixes_select_subset(saved):
+    _, student, tok, _, _ = saved
+    ro = _rollouts(student, tok, PROMPTS)
+    prefixes = [ro.prefix(0, 2), ro.prefix(1, 1), ro.prefix(2, 3)]
+    enc = sample.encode_prefixes(student, prefixes, PAD_ID)
+    sub = enc.select(torch.tensor([2, 0]))
+    ids = torch.randint(3, 25, (2, 1, 3))
+    with torch.no_grad():
+        a = teacher_mod.continuation_logits(student, sub, ids)
+        b = teacher_mod.continuation_logits(student, sample.encode_prefixes(student, [prefixes[2], prefixes[0]], PAD_ID), ids)
+    assert torch.allclose(a, b, atol=1e-5)

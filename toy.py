@@ -1,0 +1,534 @@
+"""
+toy.py -- a built-in world where on-policy distillation can be watched on a laptop CPU.
+
+Nothing can be downloaded here and most readers have no GPU, yet the main job must run with one command and show
+the method working. This file builds a complete, small world from nothing, with REAL Hugging Face models saved by
+`save_pretrained` and loaded back by the same `from_pretrained` code paths that load Qwen or Llama:
+
+  the task     chains of 2-3 integers in 0..99 joined by + and -, solved step by step, answer in \\boxed{}.
+               Every number inside the prompt and the steps is written least-significant digit first ("46" is
+               written 64), which makes carrying learnable left to right; the final answer is written normally:
+                   prompt   15+16-47=?\\n                 (51 + 61 - 74)
+                   teacher  15+16=211;211-47=83;\\boxed{38}<eos>
+                   student  15+16=211,211-47=83,\\boxed{38}<eos>
+  two styles   the teacher separates steps with ";", the student (mostly) with ",": equally correct, and the
+               teacher's data contains "," at a low rate so it finds it unlikely but understands it. Every student
+               "," is a high-loss token that is NOT a reasoning error: the paper's surface-form mismatch.
+  real forks   a wrong digit. The teacher's data contains occasional slips followed by a correction
+               ("15+16=221|211;...", the slip itself is masked out of its loss, so it never learns to slip), so
+               after a student's error the teacher wants to repair it for several tokens (short-horizon drift),
+               while after a "," it just continues.
+  ground truth label_tokens() marks each response token as surface / correct / error / after_error, so detector
+               precision and recall can be measured, not argued.
+  the models   a character-level tokenizer (tokenizers WordLevel -> PreTrainedTokenizerFast, pad/bos/eos and a chat
+               template), a 4-layer Llama teacher (~1M params, >= 95% held-out) and a 2-layer student that saw
+               only 800 labelled problems (~20-60%): room for distillation from prompts alone.
+
+Commands:
+    python toy.py                   # build runs/toy/ (about 5 minutes on 2 cores), print both accuracies
+    python toy.py --fast            # the quick test world (under a minute)
+    python toy.py --report          # detector report on rollouts of the finished student (needs the build)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer: one token per character, plus \boxed
+# ----------------------------------------------------------------------------------------------------------------
+
+SPECIALS = ["<pad>", "<bos>", "<eos>"]
+SYMBOLS = list("0123456789+-*=?;,|\n{}") + ["\\boxed"]
+TEACHER_SEP, STUDENT_SEP, CORRECTION = ";", ",", "|"
+
+
+def build_tokenizer():
+    """A PreTrainedTokenizerFast over 25 tokens; `tok(text)` prepends <bos>, padding side is left."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"\\boxed|."), behavior="isolated")  # \boxed, else 1 char
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  padding_side="left")
+    # A chat template so that --chat-template code paths run on the toy too: one user turn, no role markers.
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tok
+
+
+VOCAB = {tok: i for i, tok in enumerate(SPECIALS + SYMBOLS)}  # the same mapping, for building ids without a call
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------------------------
+
+def rev(n: int) -> str:
+    """46 -> "64": numbers inside prompts and steps are written least-significant digit first."""
+    return str(n)[::-1]
+
+
+@dataclass
+class Problem:
+    operands: list[int]
+    ops: list[str]  # "+" or "-", len(operands) - 1
+
+    def steps(self):
+        """[(acc, op, b, result), ...]: the chain evaluated left to right."""
+        out, acc = [], self.operands[0]
+        for op, b in zip(self.ops, self.operands[1:]):
+            res = acc + b if op == "+" else acc - b
+            out.append((acc, op, b, res))
+            acc = res
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.steps()[-1][3]
+
+    @property
+    def prompt(self) -> str:
+        text = rev(self.operands[0]) + "".join(op + rev(b) for op, b in zip(self.ops, self.operands[1:]))
+        return text + "=?\n"
+
+
+def make_problem(rng: random.Random, max_value: int = 99, max_operands: int = 3) -> Problem:
+    """2..max_operands integers in 0..max_value; a "-" that would go negative becomes "+" (answers stay >= 0)."""
+    operands = [rng.randint(0, max_value) for _ in range(rng.randint(2, max_operands))]
+    ops, acc = [], operands[0]
+    for b in operands[1:]:
+        op = rng.choice("+-")
+        if op == "-" and acc - b < 0:
+            op = "+"
+        acc = acc + b if op == "+" else acc - b
+        ops.append(op)
+    return Problem(operands, ops)
+
+
+def response_pieces(problem: Problem, rng: random.Random, *, sep_style: str, other_sep_rate: float = 0.0,
+                    slip_rate: float = 0.0):
+    """The worked solution as a list of (token, trained) pairs, ending with <eos>.
+
+    sep_style: the writer's separator; other_sep_rate: chance of the other style at each separator.
+    slip_rate: chance that a step's result is first written with one wrong digit, then "|" and the right result;
+    the wrong digits are returned with trained=False so SFT never teaches making slips, only repairing them.
+    """
+    other = STUDENT_SEP if sep_style == TEACHER_SEP else TEACHER_SEP
+    pieces = []
+    for acc, op, b, res in problem.steps():
+        pieces += [(c, True) for c in rev(acc) + op + rev(b) + "="]
+        if rng.random() < slip_rate:
+            wrong = list(rev(res))
+            i = rng.randrange(len(wrong))
+            wrong[i] = rng.choice([d for d in "0123456789" if d != wrong[i]])
+            pieces += [(c, False) for c in wrong] + [(CORRECTION, True)]
+        pieces += [(c, True) for c in rev(res)]
+        pieces.append((other if rng.random() < other_sep_rate else sep_style, True))
+    pieces += [("\\boxed", True), ("{", True)] + [(c, True) for c in str(problem.answer)] + [("}", True)]
+    return pieces + [("<eos>", True)]
+
+
+def canonical_response(problem: Problem) -> str:
+    """The teacher-style solution text (no slips, no EOS)."""
+    return "".join(t for t, _ in response_pieces(problem, random.Random(0), sep_style=TEACHER_SEP)[:-1])
+
+
+def write_prompts(path: Path, problems) -> None:
+    """JSONL in the format train.py and eval_aime.py read: {"prompt": ..., "answer": ...}."""
+    with open(path, "w") as f:
+        for p in problems:
+            f.write(json.dumps({"prompt": p.prompt, "answer": str(p.answer)}) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ground truth for the detectors
+# ----------------------------------------------------------------------------------------------------------------
+
+SURFACE, CORRECT, ERROR, AFTER_ERROR = "surface", "correct", "error", "after_error"
+
+
+def parse_prompt(prompt: str) -> Problem:
+    """Inverse of Problem.prompt: "15+16-47=?\\n" -> Problem([51, 61, 74], ["+", "-"])."""
+    body = prompt.split("=")[0]
+    operands, ops, cur = [], [], ""
+    for ch in body:
+        if ch in "+-":
+            operands.append(int(cur[::-1]))
+            ops.append(ch)
+            cur = ""
+        else:
+            cur += ch
+    operands.append(int(cur[::-1]))
+    return Problem(operands, ops)
+
+
+def label_tokens(problem: Problem, tokens: list[str]):
+    """Label every response token: (labels, first_error_index or None).
+
+    tokens: the response as token strings, e.g. tokenizer.convert_ids_to_tokens(response ids up to EOS).
+    Walks the response in lockstep with the teacher-style solution:
+      correct      the token the canonical solution has here (EOS included);
+      surface      the student's "," where the canonical solution has ";": a harmless style difference;
+      error        the first token that no correct solution could have here (a wrong digit, a "|" with nothing to
+                   correct, a missing separator, ...): the real reasoning fork;
+      after_error  everything after the first error (the trajectory has left every correct solution).
+    Example, problem 51 + 61 (canonical "15+16=211;\\boxed{112}"):
+        "15+16=211,\\boxed{112}"  -> all correct except "," (index 9): surface; first_error None
+        "15+16=221;\\boxed{122}"  -> indices 0-6 correct, index 7 ("2" for "1") error, the rest after_error
+    """
+    canonical = [t for t, _ in response_pieces(problem, random.Random(0), sep_style=TEACHER_SEP)]
+    labels, first_error = [], None
+    for i, tok in enumerate(tokens):
+        if first_error is not None:
+            labels.append(AFTER_ERROR)
+        elif i < len(canonical) and tok == canonical[i]:
+            labels.append(CORRECT)
+        elif i < len(canonical) and canonical[i] == TEACHER_SEP and tok == STUDENT_SEP:
+            labels.append(SURFACE)
+        else:
+            first_error = i
+            labels.append(ERROR)
+    return labels, first_error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models and supervised training
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ToyConfig:
+    """Everything that defines the world; its hash-free JSON is stored in build.json and checked on reuse."""
+    seed: int = 0
+    max_value: int = 99            # operands in 0..max_value
+    max_operands: int = 3          # 2..max_operands numbers per problem
+    num_train_prompts: int = 20000  # unlabelled prompts for distillation (train.jsonl)
+    num_test_prompts: int = 500    # held-out prompts (test.jsonl)
+    teacher_layers: int = 4
+    student_layers: int = 2
+    hidden: int = 128
+    teacher_steps: int = 1600      # fresh random problems every step
+    teacher_other_sep_rate: float = 0.08  # the teacher's data has the student's "," at this rate
+    teacher_slip_rate: float = 0.10       # steps written with a slip + correction in the teacher's data
+    student_pool: int = 800        # the student's only labelled problems
+    student_steps: int = 550
+    student_other_sep_rate: float = 0.10  # the student's data has the teacher's ";" at this rate
+    batch_size: int = 64
+    lr: float = 3e-3
+    warmup: int = 50
+
+
+FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_steps=350, student_pool=300,
+            student_steps=60, hidden=96)
+
+
+def make_model(cfg: ToyConfig, layers: int, seed: int):
+    """A Llama from a config, as a real checkpoint of any size would be; tied embeddings keep it ~1M params."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=BOS_ID,
+                         eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return LlamaForCausalLM(config)
+
+
+def sft_batch(examples):
+    """[(prompt, pieces)] -> ids, attention_mask, position_ids, labels (-100 = not trained), left-padded."""
+    from sample import left_pad, position_ids_from_mask
+
+    seqs, trained = [], []
+    for prompt, pieces in examples:
+        p_ids = [BOS_ID] + [VOCAB[c] for c in prompt]
+        seqs.append(p_ids + [VOCAB[t] for t, _ in pieces])
+        trained.append([False] * len(p_ids) + [ok for _, ok in pieces])
+    ids, mask = left_pad(seqs, PAD_ID)
+    flags = torch.zeros_like(ids, dtype=torch.bool)
+    for row, tr in enumerate(trained):
+        flags[row, ids.shape[1] - len(tr):] = torch.tensor(tr)
+    labels = ids.masked_fill(~flags, -100)
+    return ids, mask, position_ids_from_mask(mask), labels
+
+
+def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: str):
+    """Plain next-token cross-entropy on the trained response tokens; AdamW, warmup, cosine to 0.1x."""
+    from tqdm import tqdm
+
+    rng = random.Random(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
+                                              (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    model.train()
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for _ in bar:
+        ids, mask, pos, labels = sft_batch([example_fn(rng) for _ in range(cfg.batch_size)])
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]  # predicts ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 labels[:, 1:].reshape(-1), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+EVAL_MAX_NEW_TOKENS = 48  # a toy solution is <= 30 tokens; this also caps runaway generations
+EVAL_BATCH = 250
+
+
+def as_problems(rows) -> list[dict]:
+    """{"prompt", "answer"} rows -> the {"id", "problem", "answer"} dicts eval_aime.evaluate grades."""
+    return [{"id": str(i), "problem": r["prompt"], "answer": r["answer"]} for i, r in enumerate(rows)]
+
+
+def accuracy(model, tokenizer, rows, *, temperature: float = 0.0, seed: int = 0) -> float:
+    """Held-out accuracy through eval_aime.evaluate, the project's one evaluation path: same extraction
+    (extract_answer), same batching and seeding. The CLI equivalent (same number for the same prompts and seed):
+        python eval_aime.py --model runs/toy/teacher --data runs/toy/test.jsonl --k 1 --temperature 0 --top-p 1 \
+            --max-new-tokens 48 --batch-size 250 --no-instruction --no-chat-template --no-range
+    """
+    from eval_aime import evaluate
+    from sample import SamplingConfig
+
+    summary, _ = evaluate(model, tokenizer, as_problems(rows), k=1, seed=seed, batch_size=EVAL_BATCH,
+                          sampling=SamplingConfig(temperature=temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS),
+                          instruction=False, chat_template=False, integer_range=None)
+    return summary["avg@k"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the world (idempotent, cached, written atomically)
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print) -> dict:
+    """Build (or reuse) the world in `out`: tokenizer, teacher/, student/, train.jsonl, test.jsonl, build.json.
+
+    Reuse happens when build.json exists and records the same ToyConfig. Everything is written into a temporary
+    sibling folder and renamed at the end, so an interrupted build never leaves a half world behind.
+    """
+    cfg = cfg or ToyConfig()
+    out = Path(out)
+    if (out / "build.json").exists() and not force:
+        info = json.loads((out / "build.json").read_text())
+        if info.get("config") == asdict(cfg):
+            return info
+        log(f"{out}: built with a different config; rebuilding")
+    t0 = time.time()
+    data_rng = random.Random(cfg.seed)
+    problem = lambda rng: make_problem(rng, cfg.max_value, cfg.max_operands)  # noqa: E731
+    test = [problem(data_rng) for _ in range(cfg.num_test_prompts)]
+    held_out = {p.prompt for p in test}
+    train = []
+    while len(train) < cfg.num_train_prompts:  # distillation prompts never overlap the test set
+        p = problem(data_rng)
+        if p.prompt not in held_out:
+            train.append(p)
+    pool = []
+    while len(pool) < cfg.student_pool:
+        p = problem(data_rng)
+        if p.prompt not in held_out:
+            pool.append(p)
+    tokenizer = build_tokenizer()
+
+    def teacher_example(rng):
+        p = problem(rng)
+        while p.prompt in held_out:
+            p = problem(rng)
+        return p.prompt, response_pieces(p, rng, sep_style=TEACHER_SEP, other_sep_rate=cfg.teacher_other_sep_rate,
+                                         slip_rate=cfg.teacher_slip_rate)
+
+    def student_example(rng):  # the same 1500 labelled problems over and over, in the student's style
+        p = rng.choice(pool)
+        return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate)
+
+    t1 = time.time()
+    teacher = train_sft(make_model(cfg, cfg.teacher_layers, cfg.seed + 1), teacher_example, cfg.teacher_steps, cfg,
+                        cfg.seed + 11, "teacher SFT")
+    t2 = time.time()
+    student = train_sft(make_model(cfg, cfg.student_layers, cfg.seed + 2), student_example, cfg.student_steps, cfg,
+                        cfg.seed + 12, "student SFT")
+    t3 = time.time()
+    test_rows = [{"prompt": p.prompt, "answer": str(p.answer)} for p in test]
+    acc = {name: {"greedy": accuracy(m, tokenizer, test_rows, temperature=0.0),
+                  "t1": accuracy(m, tokenizer, test_rows, temperature=1.0, seed=cfg.seed)}
+           for name, m in (("teacher", teacher), ("student", student))}
+    info = {"config": asdict(cfg), "accuracy": acc,
+            "seconds": {"teacher_sft": round(t2 - t1, 1), "student_sft": round(t3 - t2, 1),
+                        "total": round(time.time() - t0, 1)},
+            "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
+                       "student": sum(p.numel() for p in student.parameters())}}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp", dir=out.parent))
+    for name, model in (("teacher", teacher), ("student", student)):
+        model.generation_config.pad_token_id = PAD_ID
+        model.save_pretrained(tmp / name)
+        tokenizer.save_pretrained(tmp / name)
+    write_prompts(tmp / "train.jsonl", train)
+    write_prompts(tmp / "test.jsonl", test)
+    (tmp / "build.json").write_text(json.dumps(info, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Detector report: can this world tell surface-form mismatches from real forks at all?
+# ----------------------------------------------------------------------------------------------------------------
+
+FORK_LABELS = (ERROR, AFTER_ERROR)  # a candidate at or after the first wrong token is a real fork
+
+
+@torch.no_grad()
+def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
+                    seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
+                    probe_samples: int = 4, div_alpha: float = 0.5, max_new_tokens: int = 48) -> dict:
+    """Sample the student on held-out prompts, score with the teacher, label every token, and measure:
+
+      top1/top5        share of each label among the top 1% / 5% tokens by full-vocab reverse KL
+      D_after          mean near-future divergence D of each detector at EVERY surface token and EVERY first error
+                       (s_t taken right before the token, as for a candidate), the cleanest "can it tell" number
+      candidates       label mix of the high-loss candidates (select_candidates), the paper's "~30%" question
+      detectors        per detector: non-divergent fraction, precision / recall of "divergent" for real forks
+    """
+    import sample
+    import teacher as teacher_lib
+    import topd
+    from train import TrainConfig, probe_divergence
+
+    world = Path(world)
+    student, tok = sample.load_policy(str(student_path or world / "student"))
+    teacher, _ = teacher_lib.load_teacher(str(world / "teacher"))
+    rows = read_jsonl(world / "test.jsonl")[:num_prompts]
+    prompt_ids, _ = sample.encode_prompts(tok, [r["prompt"] for r in rows])
+    ro = sample.sample_rollouts(student, prompt_ids, sampling=sample.SamplingConfig(max_new_tokens=max_new_tokens),
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0))
+    loss = topd.per_token_kl(teacher_lib.response_logits(student, ro), teacher_lib.score_rollouts(teacher, ro, "full"))
+    mask = ro.response_mask.bool()
+    labels = []  # (B, R) label strings, "" on masked positions
+    for b, row in enumerate(rows):
+        toks = tok.convert_ids_to_tokens(ro.response_ids[b][mask[b]].tolist())
+        lab, _ = label_tokens(parse_prompt(row["prompt"]), toks)
+        labels.append(lab + [""] * (mask.shape[1] - len(lab)))
+    flat = [(float(loss[b, t]), labels[b][t]) for b in range(len(rows)) for t in range(mask.shape[1]) if mask[b, t]]
+    flat.sort(key=lambda x: -x[0])
+    kinds = (SURFACE, CORRECT, ERROR, AFTER_ERROR)
+
+    def mix(items):
+        n = max(len(items), 1)
+        return {k: sum(1 for _, lab in items if lab == k) / n for k in kinds}
+
+    report = {"prompts": len(rows), "tokens": len(flat), "label_share": mix(flat),
+              "top1": mix(flat[:max(1, len(flat) // 100)]), "top5": mix(flat[:max(1, len(flat) // 20)])}
+
+    cfg = TrainConfig(num_candidates=num_candidates, min_gap=min_gap, horizon=horizon, probe_samples=probe_samples)
+    special = torch.isin(ro.response_ids, torch.tensor([EOS_ID]))
+
+    def scores_at(positions):  # D of both detectors at the given (row, t) states, as (C=1) candidates
+        cands = torch.full((len(rows), 1), -1, dtype=torch.long)
+        out = {"window": [], "probe": []}
+        for slot in range(max((len(v) for v in positions.values()), default=0)):
+            cands.fill_(-1)
+            for b, ts in positions.items():
+                if slot < len(ts):
+                    cands[b, 0] = ts[slot]
+            valid = cands[:, 0] >= 0
+            w = topd.window_divergence(loss, mask, cands, horizon)[:, 0]
+            p = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID],
+                                 sample.make_generator(seed, 1, slot), None, False).scores[:, 0]
+            out["window"] += w[valid].tolist()
+            out["probe"] += p[valid].tolist()
+        return {k: (sum(v) / len(v) if v else float("nan")) for k, v in out.items()} | {"n": len(out["window"])}
+
+    surface_pos = {b: [t for t, lab in enumerate(labels[b]) if lab == SURFACE] for b in range(len(rows))}
+    error_pos = {b: [t for t, lab in enumerate(labels[b]) if lab == ERROR] for b in range(len(rows))}
+    report["D_after"] = {"surface": scores_at(surface_pos), "error": scores_at(error_pos)}
+
+    cands = topd.select_candidates(loss, mask, num_candidates, min_gap, special)
+    valid = cands >= 0
+    cand_labels = [labels[b][int(cands[b, c])] for b, c in torch.nonzero(valid).tolist()]
+    report["candidates"] = {"count": len(cand_labels), **{k: cand_labels.count(k) / max(len(cand_labels), 1)
+                                                           for k in kinds}}
+    is_fork = torch.zeros_like(valid)
+    for b, c in torch.nonzero(valid).tolist():
+        is_fork[b, c] = labels[b][int(cands[b, c])] in FORK_LABELS
+    report["detectors"] = {}
+    for name in ("window", "probe"):
+        if name == "window":
+            d = topd.window_divergence(loss, mask, cands, horizon)
+        else:
+            d = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID], sample.make_generator(seed, 2),
+                                 None, False).scores
+        div = topd.divergent_mask(d, valid, alpha=div_alpha)
+        tp = int((div & is_fork).sum())
+        report["detectors"][name] = {
+            "nondiv_frac": float((valid & ~div).sum() / valid.sum().clamp(min=1)),
+            "precision": tp / max(int(div.sum()), 1), "recall": tp / max(int(is_fork.sum()), 1),
+            "surface_flagged_divergent": float(sum(bool(div[b, c]) for b, c in torch.nonzero(valid).tolist()
+                                                   if labels[b][int(cands[b, c])] == SURFACE)
+                                               / max(cand_labels.count(SURFACE), 1))}
+    return report
+
+
+def print_report(r: dict) -> None:
+    pct = lambda d: " ".join(f"{k} {v:.0%}" for k, v in d.items() if k not in ("count", "n"))  # noqa: E731
+    print(f"detector report: {r['prompts']} student rollouts, {r['tokens']} response tokens")
+    print(f"  all tokens:              {pct(r['label_share'])}")
+    print(f"  top 1% by reverse KL:    {pct(r['top1'])}")
+    print(f"  top 5% by reverse KL:    {pct(r['top5'])}")
+    print(f"  candidates ({r['candidates']['count']}):        {pct(r['candidates'])}")
+    for kind in ("surface", "error"):
+        d = r["D_after"][kind]
+        print(f"  mean D at {kind:8s} (n={d['n']}): window {d['window']:.3f}  probe {d['probe']:.3f}")
+    for name, d in r["detectors"].items():
+        print(f"  {name:6s} detector: non-divergent {d['nondiv_frac']:.0%} of candidates | precision "
+              f"{d['precision']:.0%} recall {d['recall']:.0%} for real forks | surface flagged divergent "
+              f"{d['surface_flagged_divergent']:.0%}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="build the toy world (teacher, student, prompts)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/toy, or runs/toy-fast with --fast)")
+    parser.add_argument("--fast", action="store_true", help="the small, quick world used by the tests")
+    parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    parser.add_argument("--report", action="store_true", help="detector report on the built student's rollouts")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = ToyConfig(**FAST) if args.fast else ToyConfig()
+    out = args.out or ("runs/toy-fast" if args.fast else "runs/toy")
+    info = build(out, cfg, force=args.force)
+    a = info["accuracy"]
+    print(f"toy world in {out} ({info['seconds']['total']} s to build; params teacher {info['params']['teacher']:,}, "
+          f"student {info['params']['student']:,})")
+    print(f"held-out accuracy ({cfg.num_test_prompts} prompts): teacher {a['teacher']['greedy']:.1%} greedy / "
+          f"{a['teacher']['t1']:.1%} at T=1 | student {a['student']['greedy']:.1%} greedy / {a['student']['t1']:.1%} at T=1")
+    if args.report:
+        print_report(detector_report(out))
+
+
+if __name__ == "__main__":
+    main()
