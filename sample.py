@@ -357,7 +357,7 @@ def encode_prefixes(model, prefixes, pad_id: int) -> EncodedPrefixes:
 
 @dataclass
 class Continuations:
-    """K sampled continuations of up to H tokens from each of N states.
+    """K sampled continuations of up to H tokens from each of N states (H below is the longest one's length).
 
     ids (N, K, H) long, mask (N, K, H) long (1 up to and including EOS), logprobs (N, K, H) fp32 under the
     sampling distribution (at temperature 1 these are the sampling model's own log-probs: no rescoring needed),
@@ -378,7 +378,8 @@ class Continuations:
 @torch.no_grad()
 def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int, *, sampling: SamplingConfig,
                          eos_ids, pad_id: int, generator: torch.Generator, keep_logits: bool = False) -> Continuations:
-    """K continuations of `horizon` tokens from each encoded state (the probe and the guidance windows).
+    """K continuations of up to `horizon` tokens from each encoded state (the probe and the guidance windows).
+    Shapes are (N, K, S) with S <= horizon the length of the longest continuation.
 
     The candidate token itself is re-drawn (rollback 1, spec sec. 3): the prefixes are s_t, which ends BEFORE y_t.
     Only `horizon` and the EOS ids bound a continuation (sampling.max_new_tokens is not used here).
@@ -388,14 +389,9 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, V)
     tokens, logps, valid, logits = _decode(model, cache, first, mask, pos + 1, horizon, sampling, generator,
                                            eos_ids, pad_id, keep_logits)
-    n, got = len(prefixes), tokens.shape[1]
-    if got < horizon:  # every row ended early: pad to the full horizon so shapes stay fixed
-        pad = (0, horizon - got)
-        tokens = torch.nn.functional.pad(tokens, pad, value=pad_id)
-        logps, valid = torch.nn.functional.pad(logps, pad), torch.nn.functional.pad(valid, pad)
-        if logits is not None:  # padded steps are masked; zero logits (uniform) keep every KL finite there
-            logits = torch.nn.functional.pad(logits, (0, 0) + pad)
-    shape = (n, k, horizon)
+    # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
+    # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
+    shape = (len(prefixes), k, tokens.shape[1])
     return Continuations(tokens.view(shape), valid.view(shape), (logps * valid).view(shape),
                          None if logits is None else logits.view(shape + logits.shape[-1:]))
 

@@ -234,8 +234,8 @@ class ToyConfig:
     warmup: int = 50
 
 
-FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_steps=350, student_pool=300,
-            student_steps=60, hidden=96)
+FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_steps=350, student_pool=500,
+            student_steps=200, hidden=96)
 
 
 def make_model(cfg: ToyConfig, layers: int, seed: int):

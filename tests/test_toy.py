@@ -1,0 +1,145 @@
+"""toy.py: the task generator, the two styles, ground-truth labels, the tokenizer, and the --fast build."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import toy
+from eval_aime import extract_answer
+
+
+def _tokens(text):
+    """Response text -> token strings the way the toy tokenizer splits it (\\boxed is one token)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("\\boxed", i):
+            out.append("\\boxed")
+            i += len("\\boxed")
+        else:
+            out.append(text[i])
+            i += 1
+    return out
+
+
+def test_generator_is_seeded_and_answers_are_correct_by_construction():
+    a = [toy.make_problem(random.Random(5)) for _ in range(3)]
+    b = [toy.make_problem(random.Random(5)) for _ in range(3)]
+    assert [(p.operands, p.ops) for p in a] == [(p.operands, p.ops) for p in b]
+    rng = random.Random(0)
+    for _ in range(500):
+        p = toy.make_problem(rng)
+        expr = str(p.operands[0]) + "".join(f"{op}{b}" for op, b in zip(p.ops, p.operands[1:]))
+        assert p.answer == eval(expr) >= 0  # noqa: S307 -- our own digits and +/-
+        assert 2 <= len(p.operands) <= 3 and all(0 <= x <= 99 for x in p.operands)
+        assert toy.parse_prompt(p.prompt).operands == p.operands and toy.parse_prompt(p.prompt).ops == p.ops
+
+
+def test_prompt_and_response_format_example():
+    p = toy.Problem([51, 61, 74], ["+", "-"])
+    assert p.prompt == "15+16-47=?\n"
+    assert toy.canonical_response(p) == "15+16=211;211-47=83;\\boxed{38}"
+
+
+def test_both_styles_and_slips_give_the_same_answer():
+    rng = random.Random(1)
+    for _ in range(200):
+        p = toy.make_problem(rng)
+        texts = []
+        for style, slip in ((toy.TEACHER_SEP, 0.0), (toy.STUDENT_SEP, 0.0), (toy.TEACHER_SEP, 1.0)):
+            pieces = toy.response_pieces(p, rng, sep_style=style, slip_rate=slip)
+            texts.append("".join(t for t, _ in pieces[:-1]))
+            assert pieces[-1] == ("<eos>", True)
+        assert {extract_answer(t) for t in texts} == {str(p.answer)}
+        assert toy.STUDENT_SEP in texts[1] and toy.TEACHER_SEP not in texts[1]
+
+
+def test_slips_are_never_trained_and_are_followed_by_a_correction():
+    p = toy.Problem([51, 61], ["+"])
+    pieces = toy.response_pieces(p, random.Random(0), sep_style=toy.TEACHER_SEP, slip_rate=1.0)
+    text = "".join(t for t, _ in pieces)
+    wrong = "".join(t for t, ok in pieces if not ok)
+    assert len(wrong) == 3 and wrong != "211"  # one digit of 211 changed
+    assert text.startswith(f"15+16={wrong}|211;")
+    assert [ok for _, ok in pieces][6:9] == [False, False, False] and pieces[9] == ("|", True)
+
+
+@pytest.mark.parametrize("text, expected, first_error", [
+    # a pure style change: "," where the teacher writes ";" (51 + 61 - 74)
+    ("15+16=211,211-47=83,\\boxed{38}<eos>",
+     {9: toy.SURFACE, 19: toy.SURFACE}, None),
+    # a wrong digit: "221" instead of "211"
+    ("15+16=221;221-47=93;\\boxed{39}<eos>", {6: toy.CORRECT, 7: toy.ERROR, 8: toy.AFTER_ERROR}, 7),
+    # a wrong digit after a style change
+    ("15+16=211,211-47=84,\\boxed{48}<eos>", {9: toy.SURFACE, 17: toy.CORRECT, 18: toy.ERROR, 19: toy.AFTER_ERROR}, 18),
+    # stopping early is an error too (EOS where the solution continues)
+    ("15+16=211<eos>", {9: toy.ERROR}, 9),
+])
+def test_label_tokens_hand_written_rollouts(text, expected, first_error):
+    p = toy.Problem([51, 61, 74], ["+", "-"])
+    toks = _tokens(text.replace("<eos>", "\x00"))
+    toks = ["<eos>" if t == "\x00" else t for t in toks]
+    labels, err = toy.label_tokens(p, toks)
+    assert err == first_error
+    for i, lab in expected.items():
+        assert labels[i] == lab, (i, labels)
+    if err is None:
+        assert set(labels) <= {toy.CORRECT, toy.SURFACE} and labels[-1] == toy.CORRECT  # EOS included
+    else:
+        assert labels[:err].count(toy.ERROR) == 0 and set(labels[err + 1:]) <= {toy.AFTER_ERROR}
+
+
+def test_tokenizer_round_trips_every_example_and_loads_from_disk(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = toy.build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.get_vocab() == tok.get_vocab() and len(loaded) == 25
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (toy.PAD_ID, toy.BOS_ID, toy.EOS_ID)
+    rng = random.Random(2)
+    for _ in range(300):
+        p = toy.make_problem(rng)
+        for style in (toy.TEACHER_SEP, toy.STUDENT_SEP):
+            pieces = toy.response_pieces(p, rng, sep_style=style, slip_rate=0.3)
+            text = p.prompt + "".join(t for t, _ in pieces[:-1])
+            ids = loaded(text)["input_ids"]
+            assert ids[0] == toy.BOS_ID and ids[1:] == [toy.VOCAB[c] for c in _tokens(text)]
+            assert loaded.decode(ids, skip_special_tokens=True) == text
+    chat = loaded.apply_chat_template([{"role": "user", "content": "1+2=?\n"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert chat == "<bos>1+2=?\n"
+
+
+def test_fast_build_loads_with_transformers_alone_and_teacher_beats_student(fast_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world, info = fast_world
+    for name in ("teacher", "student"):
+        model = AutoModelForCausalLM.from_pretrained(world / name)
+        tok = AutoTokenizer.from_pretrained(world / name)
+        assert model.config.vocab_size == len(tok) == 25
+    acc = info["accuracy"]
+    assert info["config"]["num_test_prompts"] == 200
+    assert acc["teacher"]["greedy"] >= acc["student"]["greedy"] + 0.30, acc
+    rows = toy.read_jsonl(world / "test.jsonl")
+    train_prompts = {r["prompt"] for r in toy.read_jsonl(world / "train.jsonl")}
+    assert len(rows) == 200 and not train_prompts & {r["prompt"] for r in rows}
+    # idempotent: a second build with the same config reuses the folder (same info, no retraining)
+    again = toy.build(world, toy.ToyConfig(**toy.FAST), log=lambda *a: None)
+    assert again == info
+
+
+def test_eval_cli_reproduces_toy_accuracy(fast_world, tmp_path):
+    """eval_aime.py on the toy test set gives exactly the accuracy toy.py reported for the same prompts/seed."""
+    import eval_aime
+
+    world, info = fast_world
+    res = eval_aime.main(["--model", str(world / "teacher"), "--data", str(world / "test.jsonl"), "--k", "1",
+                          "--temperature", "0", "--top-p", "1", "--max-new-tokens", str(toy.EVAL_MAX_NEW_TOKENS),
+                          "--batch-size", str(toy.EVAL_BATCH), "--no-instruction", "--no-chat-template",
+                          "--no-range", "--out", str(tmp_path)])
+    assert res["metrics"]["avg@k"]["mean"] == pytest.approx(info["accuracy"]["teacher"]["greedy"])
+    gens = [json.loads(l) for l in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 200 and sum(g["correct"] for g in gens) / 200 == pytest.approx(info["accuracy"]["teacher"]["greedy"])

@@ -1,0 +1,191 @@
+"""train.py: bad input, DDP equivalences, resume, atomic checkpoints, and a learning test on the toy world."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(world, out, *extra):
+    return ["--student", str(world / "student"), "--teacher", str(world / "teacher"),
+            "--prompts", str(world / "train.jsonl"), "--out", str(out), *extra]
+
+
+def _run(args, nproc=None, timeout=600):
+    """Run train.py as a user would: `python train.py` or `torchrun --nproc_per_node=N train.py`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if nproc is None:
+        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(ROOT / "train.py"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def _weights(ckpt):
+    from safetensors.torch import load_file
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def _metrics(out):
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "eval/accuracy" not in r]
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_bad_flags_are_argparse_errors_naming_the_flag(fast_world, tmp_path, capsys):
+    world, _ = fast_world
+    with pytest.raises(SystemExit):
+        train.parse_config(_args(world, tmp_path, "--mode", "grpo"))
+    assert "--mode" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_config(["--student", "a", "--teacher", "b", "--prompts", str(tmp_path / "missing.jsonl")])
+    assert "missing.jsonl" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_config(_args(world, tmp_path, "--micro-batch", "0"))
+    assert "--micro-batch" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_config(["--student", str(world / "student")])
+    assert "--teacher" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, expected", [
+    ('{"prompt": "1+2=?\\n"}\n{"prompt": "3+4=?\\n"\n', ":2: not valid JSON"),
+    ('{"prompt": "1+2=?\\n"}\n\n{"prompt": "   "}\n', ":3: empty"),
+    ('{"text": "1+2=?\\n"}\n', ":1: missing problem text"),
+])
+def test_bad_prompt_files_fail_with_file_and_line_before_training(fast_world, tmp_path, content, expected):
+    world, _ = fast_world
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(content)
+    with pytest.raises(ValueError) as err:
+        train.main(_args(world, tmp_path / "out", "--prompts", str(bad)))
+    assert str(bad) + expected in str(err.value)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # nothing ran
+
+
+def test_incompatible_tokenizer_fails_before_training(fast_world, tmp_path):
+    import shutil
+    from transformers import AutoTokenizer
+
+    world, _ = fast_world
+    other = tmp_path / "other-teacher"
+    shutil.copytree(world / "teacher", other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.eos_token = "|"  # a different EOS token: the teacher would end responses elsewhere
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match="eos_token"):
+        train.main(_args(world, tmp_path / "out", "--teacher", str(other)))
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+
+def test_torchrun_two_processes_keep_identical_weights(fast_world, tmp_path):
+    world, _ = fast_world
+    out = tmp_path / "ddp"
+    _run(_args(world, out, "--steps", "2", "--rollout-batch", "8", "--micro-batch", "2", "--mode", "topd",
+               "--detector", "probe", "--probe-samples", "2", "--horizon", "6", "--eval-every", "0"), nproc=2)
+    meta = json.loads((out / "ckpt-000002" / "meta.json").read_text())
+    sums = meta["param_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert (out / "latest").read_text() == "ckpt-000002"
+    m = _metrics(out)
+    assert [r["step"] for r in m] == [1, 2] and all(r["guide/tokens"] > 0 for r in m)
+
+
+@pytest.mark.parametrize("mode", ["opd", "topd"])
+def test_one_process_two_micro_batches_equals_two_processes(fast_world, tmp_path, mode):
+    """Same data, split differently: the update must be the same (token-mean over the whole step, trap 5)."""
+    world, _ = fast_world
+    common = ["--steps", "2", "--rollout-batch", "8", "--micro-batch", "4", "--mode", mode, "--detector", "window",
+              "--horizon", "6", "--eval-every", "0", "--lr", "1e-3"]
+    _run(_args(world, tmp_path / "one", *common))
+    _run(_args(world, tmp_path / "two", *common), nproc=2)
+    a, b = _weights(tmp_path / "one" / "ckpt-000002"), _weights(tmp_path / "two" / "ckpt-000002")
+    init = _weights(world / "student")
+    moved = max((a[k] - init[k]).abs().max().item() for k in a)
+    assert moved > 1e-4  # training really changed the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-6), k
+    ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    for ra, rb in zip(ma, mb):
+        assert ra["opd/teacher_kl"] == pytest.approx(rb["opd/teacher_kl"], rel=1e-5)
+
+
+def test_resume_reproduces_the_uninterrupted_run(fast_world, tmp_path):
+    world, _ = fast_world
+    common = ["--steps", "6", "--rollout-batch", "8", "--micro-batch", "8", "--mode", "opd_suppress",
+              "--detector", "window", "--save-every", "3", "--eval-every", "0", "--lr", "1e-3"]
+    _run(_args(world, tmp_path / "full", *common))
+    _run(_args(world, tmp_path / "split", *common, "--stop-at-step", "3"))
+    assert (tmp_path / "split" / "latest").read_text() == "ckpt-000003"
+    _run(_args(world, tmp_path / "split", *common, "--resume"))
+    full, split = _metrics(tmp_path / "full"), _metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == [1, 2, 3, 4, 5, 6]
+    for rf, rs in zip(full, split):
+        for key in ("opd/loss", "opd/teacher_kl", "grad_norm", "lr", "topd/nondiv_frac", "rollout/len_mean"):
+            assert rf[key] == pytest.approx(rs[key], rel=1e-6, abs=1e-9), (rf["step"], key)
+    a, b = _weights(tmp_path / "full" / "ckpt-000006"), _weights(tmp_path / "split" / "ckpt-000006")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(fast_world, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world, _ = fast_world
+    model = AutoModelForCausalLM.from_pretrained(world / "student")
+    tok = AutoTokenizer.from_pretrained(world / "student")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = train.TrainConfig()
+    out = tmp_path / "ck"
+    out.mkdir()
+    train.save_checkpoint(out, 1, model, tok, opt, sched, cfg, {})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    real_save = torch.save
+
+    def exploding_save(obj, path, *a, **k):  # the disk fills up half-way through the second checkpoint
+        real_save(obj, path, *a, **k)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        train.save_checkpoint(out, 2, model, tok, opt, sched, cfg, {})
+    monkeypatch.undo()
+    latest = train.latest_checkpoint(out)
+    assert latest.name == "ckpt-000001" and not (out / "ckpt-000002").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(latest)
+    original = AutoModelForCausalLM.from_pretrained(world / "student")
+    for (n, p), (_, q) in zip(reloaded.named_parameters(), original.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+# ---------------------------------------------------------------------------------------------- learning
+
+def test_opd_learns_on_the_toy_world(fast_world, tmp_path):
+    """A short OPD run raises held-out accuracy and lowers the teacher KL."""
+    world, _ = fast_world
+    out = tmp_path / "learn"
+    _run(_args(world, out, "--eval-prompts", str(world / "test.jsonl"), "--mode", "opd", "--steps", "80",
+               "--rollout-batch", "64", "--micro-batch", "32", "--lr", "5e-4", "--eval-every", "0"))
+    res = json.loads((out / "results.json").read_text())
+    m = _metrics(out)
+    first, last = sum(r["opd/teacher_kl"] for r in m[:5]) / 5, sum(r["opd/teacher_kl"] for r in m[-5:]) / 5
+    assert res["accuracy_after"] > res["accuracy_before"] + 0.08, res
+    assert last < 0.7 * first, (first, last)
