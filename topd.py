@@ -99,26 +99,31 @@ class _ChunkedKL(torch.autograd.Function):
         # a, b: (M, V) logits of any float dtype, already sliced to the shared vocabulary
         kl = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)  # (M,)
         entropy = torch.empty_like(kl)  # (M,) entropy of p: a free by-product, logged as a diagnostic
+        lse_a, lse_b = torch.empty_like(kl), torch.empty_like(kl)  # (M,) log-normalisers, kept for backward
         for rows in _position_chunks(a.shape[0], chunk_size):
-            logp = torch.log_softmax(a[rows].float(), dim=-1).clamp_min(LOGP_FLOOR)  # (c, V) fp32
-            logq = torch.log_softmax(b[rows].float(), dim=-1).clamp_min(LOGP_FLOOR)  # (c, V) fp32
+            za, zb = a[rows].float(), b[rows].float()  # (c, V) fp32: the only full-width temporaries
+            lse_a[rows], lse_b[rows] = torch.logsumexp(za, -1), torch.logsumexp(zb, -1)
+            logp = (za - lse_a[rows, None]).clamp_min_(LOGP_FLOOR)
+            logq = (zb - lse_b[rows, None]).clamp_min_(LOGP_FLOOR)
             p = logp.exp()
             kl[rows] = (p * (logp - logq)).sum(-1)
             entropy[rows] = -(p * logp).sum(-1)
-        ctx.save_for_backward(a, b, kl)  # the inputs themselves (no copy) + M floats
+        # saved: the inputs themselves (no copy) and 3 floats per position; the softmaxes are recomputed
+        ctx.save_for_backward(a, b, kl, lse_a, lse_b)
         ctx.chunk_size = chunk_size
         ctx.mark_non_differentiable(entropy)
         return kl, entropy
 
     @staticmethod
     def backward(ctx, grad_kl, _grad_entropy):
-        a, b, kl = ctx.saved_tensors
+        a, b, kl, lse_a, lse_b = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_a = torch.empty_like(a) if need_a else None  # (M, V) in the logits' own dtype
         grad_b = torch.empty_like(b) if need_b else None
         for rows in _position_chunks(a.shape[0], ctx.chunk_size):
-            logp = torch.log_softmax(a[rows].float(), dim=-1).clamp_min(LOGP_FLOOR)
-            logq = torch.log_softmax(b[rows].float(), dim=-1).clamp_min(LOGP_FLOOR)
+            # elementwise only: the saved log-normalisers spare the backward both reductions of a log_softmax
+            logp = (a[rows].float() - lse_a[rows, None]).clamp_min_(LOGP_FLOOR)
+            logq = (b[rows].float() - lse_b[rows, None]).clamp_min_(LOGP_FLOOR)
             p = logp.exp()
             g = grad_kl[rows].float().unsqueeze(-1)  # (c, 1) upstream gradient per position
             if need_a:

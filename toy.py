@@ -224,10 +224,10 @@ class ToyConfig:
     student_layers: int = 2
     hidden: int = 128
     teacher_steps: int = 1600      # fresh random problems every step
-    teacher_other_sep_rate: float = 0.08  # the teacher's data has the student's "," at this rate
+    teacher_other_sep_rate: float = 0.02  # the teacher's data has the student's "," at this rate
     teacher_slip_rate: float = 0.10       # steps written with a slip + correction in the teacher's data
     student_pool: int = 800        # the student's only labelled problems
-    student_steps: int = 550
+    student_steps: int = 650
     student_other_sep_rate: float = 0.10  # the student's data has the teacher's ";" at this rate
     batch_size: int = 64
     lr: float = 3e-3

@@ -111,6 +111,7 @@ class TrainConfig:
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
     chunk_size: int = 1024         # positions per chunk in the fp32 log-softmax kernels
+    gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     log_every: int = 1
 
 
@@ -181,6 +182,25 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 def print0(*args, rank: int = 0, **kw):
     if rank == 0:
         print(*args, **kw, flush=True)
+
+
+def set_checkpointing(model, on: bool):
+    """Activation (gradient) checkpointing on or off, under either of transformers' names for it."""
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(model, f"{name}_{'enable' if on else 'disable'}")()
+
+
+@contextlib.contextmanager
+def without_checkpointing(model, enabled: bool):
+    """Checkpointed layers drop the KV cache, which the guidance windows need (their prefix is cached). The
+    windows are only H tokens long, so their activations are small: switch checkpointing off around them."""
+    if enabled:
+        set_checkpointing(model, False)
+    try:
+        yield
+    finally:
+        if enabled:
+            set_checkpointing(model, True)
 
 
 @contextlib.contextmanager
@@ -418,6 +438,8 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     resume_from = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
     teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, teacher_dtype)
+    if cfg.gradient_checkpointing:
+        set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
     student.train()
     model = student
     if dist.is_initialized():
@@ -548,7 +570,8 @@ def train_step(run: Run, step: int) -> dict:
         n_rounds = max(int(n_rounds), 1)  # at least one round: it carries the gradient synchronisation
         g_num, g_den, g_tok = (torch.zeros((), device=device) for _ in range(3))
         for r in range(n_rounds):
-            with (contextlib.nullcontext() if r == n_rounds - 1 or world == 1 else model.no_sync()), run.autocast():
+            with (contextlib.nullcontext() if r == n_rounds - 1 or world == 1 else model.no_sync()), run.autocast(), \
+                    without_checkpointing(student, cfg.gradient_checkpointing):
                 if r < len(guide_items):
                     prefixes, conts = guide_items[r]
                     s_enc = sample.encode_prefixes(student, prefixes, run.pad_id)  # prefix cache, no grad
