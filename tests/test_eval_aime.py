@@ -331,3 +331,47 @@ def test_rows_to_problems_bad_row_names_source_and_row():
     rows = [{"Problem": "ok", "Answer": 1}, {"Problem": "no answer here"}]
     with pytest.raises(ValueError, match=r"Maxwell-Jia/AIME_2024:row 1: missing answer"):
         _rows_to_problems(rows, "Maxwell-Jia/AIME_2024")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# end to end: a tiny byte-level model through the real CLI on the AIME 2024 file
+
+def _tiny_bytelevel_checkpoint(path, texts):
+    """A byte-level BPE tokenizer trained on `texts` + a random 2-layer Llama, saved like any hub checkpoint."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}\n{% endfor %}assistant:"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_cli_end_to_end_on_aime24_with_a_tiny_model(tmp_path):
+    data = Path(__file__).resolve().parent / "data" / "aime24.jsonl"
+    problems = load_problems(str(data))
+    _tiny_bytelevel_checkpoint(tmp_path / "model", [p["problem"] for p in problems] + [INSTRUCTION])
+    out = tmp_path / "eval"
+    from eval_aime import main
+    result = main(["--model", str(tmp_path / "model"), "--data", str(data), "--k", "2", "--max-new-tokens", "16",
+                   "--batch-size", "16", "--device", "cpu", "--out", str(out)])
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(problems) == 30 and len(gens) == 60
+    from collections import Counter
+    assert Counter(g["id"] for g in gens) == {p["id"]: 2 for p in problems}  # every problem exactly k times
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["problems"] == 30 and saved["k"] == 2
+    # a random model never closes a box in 16 tokens: all wrong, and the numbers say so consistently
+    assert result["metrics"]["avg@k"]["mean"] == sum(g["correct"] for g in gens) / 60
+    assert result["metrics"]["truncated_frac"]["mean"] == sum(g["truncated"] for g in gens) / 60
+    assert all(g["tokens"] <= 16 for g in gens)

@@ -189,3 +189,17 @@ def test_opd_learns_on_the_toy_world(fast_world, tmp_path):
     first, last = sum(r["opd/teacher_kl"] for r in m[:5]) / 5, sum(r["opd/teacher_kl"] for r in m[-5:]) / 5
     assert res["accuracy_after"] > res["accuracy_before"] + 0.08, res
     assert last < 0.7 * first, (first, last)
+
+
+def test_gradient_checkpointing_gives_the_same_update(fast_world, tmp_path):
+    """Checkpointing only trades compute for memory; the guidance windows (which need the KV cache that
+    checkpointed layers drop) must still work and give the same weights."""
+    world, _ = fast_world
+    common = ["--steps", "1", "--rollout-batch", "8", "--micro-batch", "8", "--mode", "topd", "--detector", "window",
+              "--horizon", "6", "--eval-every", "0", "--lr", "1e-3"]
+    train.main(_args(world, tmp_path / "plain", *common))
+    train.main(_args(world, tmp_path / "ckpt", *common, "--gradient-checkpointing"))
+    a, b = _weights(tmp_path / "plain" / "ckpt-000001"), _weights(tmp_path / "ckpt" / "ckpt-000001")
+    assert _metrics(tmp_path / "ckpt")[0]["guide/tokens"] > 0
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
