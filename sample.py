@@ -174,7 +174,7 @@ class SamplingConfig:
             raise ValueError(f"invalid sampling settings: {self}")
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache` in forward(); support both spellings.
     A DDP wrapper forwards keyword arguments to the module it wraps, so look at that module's signature."""
     inner = getattr(model, "module", model)
@@ -191,7 +191,7 @@ def new_cache(model):
 def model_step(model, ids, attention_mask, position_ids, cache, logits_to_keep: int = 0):
     """One forward pass that extends `cache` in place. Returns logits (N, L or keep, V) in the model's dtype."""
     return model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                 logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache}).logits
+                 logits_to_keep=logits_to_keep, **{cache_kwarg(model): cache}).logits
 
 
 def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -268,6 +268,8 @@ class Rollouts:
     truncated      (B,) bool: hit max_new_tokens without EOS
     prompt_lens    (B,) long: real (unpadded) prompt lengths
     logprobs       (B, R) fp32: the sampler's log-probs of the sampled tokens (for the sampler/learner check, trap 14)
+    cache          the sampling model's KV cache of the whole batch (keep_cache=True), else None: the probe's
+                   states are prefixes of these rows, so it can start from this cache instead of re-encoding them
     """
     ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -276,6 +278,7 @@ class Rollouts:
     truncated: torch.Tensor
     prompt_lens: torch.Tensor
     logprobs: torch.Tensor
+    cache: object = None
 
     @property
     def response_ids(self) -> torch.Tensor:
@@ -289,8 +292,9 @@ class Rollouts:
 
 @torch.no_grad()
 def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad_id: int,
-                    generator: torch.Generator) -> Rollouts:
-    """Sample one response per prompt (list of id lists) with our cached loop. The model must be in eval()."""
+                    generator: torch.Generator, keep_cache: bool = False) -> Rollouts:
+    """Sample one response per prompt (list of id lists) with our cached loop. The model must be in eval().
+    keep_cache: return the KV cache that sampling built anyway (for probing from states of these rollouts)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
     cache = new_cache(model)
@@ -300,7 +304,7 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
     eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
                     prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
-                    prompt_lens=mask.sum(-1), logprobs=logps * valid)
+                    prompt_lens=mask.sum(-1), logprobs=logps * valid, cache=cache if keep_cache else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,6 +343,35 @@ class EncodedPrefixes:
 
     def __len__(self) -> int:
         return len(self.last_token)
+
+
+def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch.Tensor) -> EncodedPrefixes | None:
+    """States s_t = (row, t) of `rollouts` as EncodedPrefixes cut out of a KV cache of the whole rollout batch
+    (the sampler's, or the teacher's scoring pass), instead of running every prefix through the model again.
+
+    Every state of a rollout is a prefix of that rollout, so its keys and values are already in the cache: we keep
+    the rows, crop the columns to the longest state, and MASK the columns beyond each state's own end. The new
+    tokens then go after column W with their true position ids; masked columns are simply never attended to.
+    Example (P = 3, state t = 2 of a row with prompt [pad, x1, x2] and response [y1, y2, y3]):
+        columns   pad x1 x2 y1 | feed y2 next   -> mask [0, 1, 1, 1], last_token y2, last_position 3
+    Returns None for caches with sliding-window layers (they no longer hold every column) or with no column to
+    keep: the caller encodes those states instead.
+    """
+    P = rollouts.prompt_width
+    width = P + int(ts.max()) - 1  # cached columns needed: everything before each state's last token
+    sliding = getattr(cache, "is_sliding", False)
+    if width < 1 or (any(sliding) if isinstance(sliding, (list, tuple)) else sliding):
+        return None
+    cut = copy.deepcopy(cache)
+    cut.batch_select_indices(rows)
+    extra = cut.get_seq_length() - width
+    if extra > 0:
+        cut.crop(-extra)  # a negative count = "remove this many columns" in every transformers version
+    cols = torch.arange(width, device=rows.device)
+    start = P - rollouts.prompt_lens[rows]  # first real (non-pad) column of each row
+    mask = ((cols[None, :] >= start[:, None]) & (cols[None, :] < (P + ts - 1)[:, None])).long()  # (N, W)
+    last = rollouts.ids[rows, P + ts - 1]
+    return EncodedPrefixes(cut, mask, last, rollouts.prompt_lens[rows] + ts - 1)
 
 
 @torch.no_grad()

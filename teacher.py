@@ -33,7 +33,7 @@ import argparse
 
 import torch
 
-from sample import (Continuations, EncodedPrefixes, Rollouts, model_step, position_ids_from_mask)
+from sample import (Continuations, EncodedPrefixes, Rollouts, cache_kwarg, model_step, position_ids_from_mask)
 from topd import DEFAULT_CHUNK, token_logprobs
 
 
@@ -75,7 +75,7 @@ def check_compatible(student_tokenizer, teacher_tokenizer, student_config=None, 
     return size
 
 
-def response_logits(model, rollouts: Rollouts) -> torch.Tensor:
+def response_logits(model, rollouts: Rollouts, cache=None) -> torch.Tensor:
     """Logits (B, R, V), model dtype, ALIGNED with rollouts.response_ids (gradient iff the caller allows it).
 
     Worked example (P = 3 prompt columns, R = 2 response tokens, one left-padded row):
@@ -84,23 +84,27 @@ def response_logits(model, rollouts: Rollouts) -> torch.Tensor:
         predicts               x2  y1  y2   -> we keep indices P-1 .. P+R-2 = [2, 3] for [y1, y2]
     `logits_to_keep = R + 1` returns indices P-1 .. P+R-1; the last one (predicting past the end) is dropped.
     Positions after a row's EOS are masked out of the attention; their logits exist but the loss mask drops them.
+    cache: an empty sample.new_cache(model) to be filled with this pass's keys and values (the probe reuses them),
+    or None for a cache-free forward.
     """
     R = rollouts.ids.shape[1] - rollouts.prompt_width
+    extra = {} if cache is None else {cache_kwarg(model): cache}
     logits = model(input_ids=rollouts.ids, attention_mask=rollouts.attention_mask,
-                   position_ids=position_ids_from_mask(rollouts.attention_mask), use_cache=False,
-                   logits_to_keep=R + 1).logits  # (B, R+1, V)
+                   position_ids=position_ids_from_mask(rollouts.attention_mask), use_cache=cache is not None,
+                   logits_to_keep=R + 1, **extra).logits  # (B, R+1, V)
     return logits[:, :-1]
 
 
 @torch.no_grad()
 def score_rollouts(model, rollouts: Rollouts, estimator: str, *, vocab_size: int | None = None,
-                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+                   chunk_size: int = DEFAULT_CHUNK, cache=None) -> torch.Tensor:
     """What topd.opd_token_loss needs from the teacher.
 
     estimator "full":    teacher logits (B, R, V) in the model's dtype;
     estimator "sampled": log pi_T(y_t | s_t) of the sampled tokens (B, R) fp32, masked positions set to 0.
+    cache: filled with the teacher's keys and values when given (see response_logits).
     """
-    logits = response_logits(model, rollouts)
+    logits = response_logits(model, rollouts, cache)
     if estimator == "full":
         return logits
     if estimator == "sampled":

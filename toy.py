@@ -459,7 +459,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
             valid = cands[:, 0] >= 0
             w = topd.window_divergence(loss, mask, cands, horizon)[:, 0]
             p = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID],
-                                 sample.make_generator(seed, 1, slot), None, False).scores[:, 0]
+                                 sample.make_generator(seed, 1, slot), None).scores[:, 0]
             out["window"] += w[valid].tolist()
             out["probe"] += p[valid].tolist()
         return {k: (sum(v) / len(v) if v else float("nan")) for k, v in out.items()} | {"n": len(out["window"])}
@@ -482,7 +482,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
             d = topd.window_divergence(loss, mask, cands, horizon)
         else:
             d = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID], sample.make_generator(seed, 2),
-                                 None, False).scores
+                                 None).scores
         div = topd.divergent_mask(d, valid, alpha=div_alpha)
         tp = int((div & is_fork).sum())
         report["detectors"][name] = {

@@ -89,7 +89,7 @@ class TrainConfig:
     temperature: float = 1.0       # 1.0 = on-policy; the estimators assume it
     ignore_eos: bool = False       # benchmarks only: always sample max_new_tokens tokens
     # optimisation
-    steps: int = 250
+    steps: int = 300
     lr: float = 3e-4
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -239,42 +239,48 @@ def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: in
     return out
 
 
-def slice_rollouts(ro: sample.Rollouts, rows: slice) -> sample.Rollouts:
-    return sample.Rollouts(ro.ids[rows], ro.attention_mask[rows], ro.prompt_width, ro.response_mask[rows],
-                           ro.truncated[rows], ro.prompt_lens[rows], ro.logprobs[rows])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The two detectors' model-side work (the arithmetic lives in topd.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Probe:
-    """Everything a detector produced for one micro-batch: scores D (B, C), and for topd the teacher windows at
-    the divergent states (their prefixes and the teacher's continuations, logits kept)."""
+    """What the probe produced for one micro-batch: scores D (B, C), and, for the states in the order of
+    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (logits kept in
+    topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
     scores: torch.Tensor
-    prefixes: list | None = None
+    student_prefixes: sample.EncodedPrefixes | None = None
     teacher_conts: sample.Continuations | None = None
 
 
+def state_prefixes(model, ro: sample.Rollouts, rows, ts, cache, pad_id) -> sample.EncodedPrefixes:
+    """States (rows[i], ts[i]) of the rollouts as encoded prefixes: cut from `cache` (a KV cache of the whole batch
+    that sampling or teacher scoring already built) when there is one, else run through the model once each."""
+    enc = sample.prefixes_from_cache(cache, ro, rows, ts) if cache is not None else None
+    if enc is None:
+        enc = sample.encode_prefixes(model, [ro.prefix(int(b), int(t)) for b, t in zip(rows, ts)], pad_id)
+    return enc
+
+
 def probe_divergence(student, teacher, ro: sample.Rollouts, candidates, cfg: TrainConfig, pad_id, eos_ids,
-                     generator, vocab_size, keep_teacher_logits: bool) -> Probe:
+                     generator, vocab_size, keep_teacher_logits: bool = False, teacher_cache=None) -> Probe:
     """`--detector probe` (spec sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
-    Cost control (spec "Cost rule"): each state is encoded ONCE per model and its KV cache serves both that
-    model's sampling and its scoring of the other model's continuations. At temperature 1 the sampler's own
-    log-probs are exact, so each continuation needs just one extra scoring pass, by the other model.
+    Cost control (spec "Cost rule"): no prefix is re-encoded when the rollout's KV caches are at hand (the student's
+    from sampling, ro.cache; the teacher's from its scoring pass, teacher_cache), and each state's cache serves both
+    that model's sampling and its scoring of the other model's continuations. At temperature 1 the sampler's own
+    log-probs are exact, so each continuation needs one extra scoring pass, by the other model only.
     """
     where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     if len(where) == 0:
         return Probe(scores)
-    prefixes = [ro.prefix(int(b), int(candidates[b, c])) for b, c in where]
+    rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
     probe_sampling = sample.SamplingConfig(temperature=1.0)  # the probe samples the policies themselves
     K, H = cfg.probe_samples, cfg.horizon
-    s_enc = sample.encode_prefixes(student, prefixes, pad_id)
-    t_enc = sample.encode_prefixes(teacher, prefixes, pad_id)
+    s_enc = state_prefixes(student, ro, rows, ts, ro.cache, pad_id)
+    t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
     s_conts = sample.sample_continuations(student, s_enc, K, H, sampling=probe_sampling, eos_ids=eos_ids,
                                           pad_id=pad_id, generator=generator)
     t_conts = sample.sample_continuations(teacher, t_enc, K, H, sampling=probe_sampling, eos_ids=eos_ids,
@@ -284,28 +290,28 @@ def probe_divergence(student, teacher, ro: sample.Rollouts, candidates, cfg: Tra
     mu_student = topd.continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
     mu_teacher = topd.continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (N, K)
     scores[where[:, 0], where[:, 1]] = topd.margin_w1(mu_teacher, mu_student)
-    return Probe(scores, prefixes, t_conts)
+    return Probe(scores, s_enc, t_conts)
 
 
-def teacher_windows(teacher, ro, candidates, divergent, cfg, pad_id, eos_ids, generator, probe: Probe | None):
-    """The guidance windows of spec sec. 5 at the divergent states: (prefixes, teacher continuations with logits).
+def teacher_windows(student, teacher, ro, candidates, divergent, cfg, pad_id, eos_ids, generator,
+                    probe: Probe | None, teacher_cache=None):
+    """The guidance windows of spec sec. 5 at the divergent states: (student prefixes, teacher continuations with
+    logits), or (None, None) when no state is divergent.
 
-    With the probe detector they are already there (the teacher's probe continuations, logits kept); the window
+    With the probe detector they exist already (the teacher's probe continuations, logits kept); the window
     detector samples them now, only at the divergent states."""
-    where = torch.nonzero((candidates >= 0) & divergent)  # (Nd, 2)
-    if len(where) == 0:
-        return [], None
+    where = torch.nonzero(candidates >= 0)
+    picked = torch.nonzero(divergent[where[:, 0], where[:, 1]]).squeeze(-1)  # indices into `where`
+    if len(picked) == 0:
+        return None, None
     if probe is not None and probe.teacher_conts is not None:
-        all_where = torch.nonzero(candidates >= 0)
-        index = [int(i) for i, (b, c) in enumerate(all_where.tolist()) if bool(divergent[b, c])]
-        index_t = torch.tensor(index, device=candidates.device)
-        return [probe.prefixes[i] for i in index], probe.teacher_conts.select(index_t)
-    prefixes = [ro.prefix(int(b), int(candidates[b, c])) for b, c in where]
-    t_enc = sample.encode_prefixes(teacher, prefixes, pad_id)
+        return probe.student_prefixes.select(picked), probe.teacher_conts.select(picked)
+    rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
+    t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, cfg.probe_samples, cfg.horizon,
                                         sampling=sample.SamplingConfig(temperature=1.0), eos_ids=eos_ids,
                                         pad_id=pad_id, generator=generator, keep_logits=True)
-    return prefixes, conts
+    return state_prefixes(student, ro, rows, ts, ro.cache, pad_id), conts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,6 +492,9 @@ def train_step(run: Run, step: int) -> dict:
     threshold = None if cfg.div_threshold < 0 else cfg.div_threshold
     eos = torch.tensor(run.eos_ids, device=device)
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    # the probe and the guidance windows start from states of the rollouts: keep the KV caches that sampling and
+    # teacher scoring build anyway, so that no prefix is ever encoded twice
+    keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
 
     def generator(j, purpose):  # every random draw: (seed, step, global micro-batch index, purpose)
         return sample.make_generator(cfg.seed, step, rank * len(micro) + j, purpose, device=device)
@@ -497,7 +506,7 @@ def train_step(run: Run, step: int) -> dict:
         for j, rows in enumerate(micro):
             rollouts.append(sample.sample_rollouts(
                 student, [run.prompt_ids[i] for i in indices[rows]], sampling=sampling, pad_id=run.pad_id,
-                eos_ids=[-1] if cfg.ignore_eos else run.eos_ids, generator=generator(j, 0)))
+                eos_ids=[-1] if cfg.ignore_eos else run.eos_ids, generator=generator(j, 0), keep_cache=keep_caches))
     timings["sample"] = time.time() - t_start
 
     # ---- 1. the loss normaliser N: response tokens of the whole step, all ranks, known before any backward ----
@@ -510,8 +519,10 @@ def train_step(run: Run, step: int) -> dict:
     # ---- 2. phase A: L_OPD(w), micro-batch by micro-batch ----
     for j, ro in enumerate(rollouts):
         t0 = time.time()
-        teacher_out = teacher_lib.score_rollouts(teacher, ro, cfg.kl, vocab_size=run.vocab_size,
-                                                 chunk_size=cfg.chunk_size)  # (b, R, V) logits or (b, R) logp
+        teacher_cache = sample.new_cache(teacher) if keep_caches else None
+        with run.autocast():
+            teacher_out = teacher_lib.score_rollouts(teacher, ro, cfg.kl, vocab_size=run.vocab_size,
+                                                     chunk_size=cfg.chunk_size, cache=teacher_cache)  # (b, R, V) / (b, R)
         timings["teacher"] += time.time() - t0
         t0 = time.time()
         last = sync_in_phase_a and j == len(rollouts) - 1
@@ -531,16 +542,17 @@ def train_step(run: Run, step: int) -> dict:
                 with torch.no_grad(), eval_mode(student), run.autocast():
                     if cfg.detector == "probe":
                         probe = probe_divergence(student, teacher, ro, cands, cfg, run.pad_id, run.eos_ids,
-                                                 generator(j, 1), run.vocab_size, keep_teacher_logits=cfg.mode == "topd")
+                                                 generator(j, 1), run.vocab_size, keep_teacher_logits=cfg.mode == "topd",
+                                                 teacher_cache=teacher_cache)
                         scores = probe.scores
                     else:
                         scores = topd.window_divergence(token_loss.loss, ro.response_mask, cands, cfg.horizon)
                     divergent = topd.divergent_mask(scores, cands >= 0, alpha=cfg.div_alpha, threshold=threshold)
                     if cfg.mode == "topd":
-                        prefixes, conts = teacher_windows(teacher, ro, cands, divergent, cfg, run.pad_id, run.eos_ids,
-                                                          generator(j, 2), probe)
-                        if prefixes:
-                            guide_items.append((prefixes, conts))
+                        s_prefixes, conts = teacher_windows(student, teacher, ro, cands, divergent, cfg, run.pad_id,
+                                                            run.eos_ids, generator(j, 2), probe, teacher_cache)
+                        if conts is not None:
+                            guide_items.append((s_prefixes, conts))
                 parts = dict(candidates=cands, scores=scores, divergent=divergent, suppress_weight=cfg.suppress_weight)
                 probe_time = time.time() - tp
                 timings["probe"] += probe_time
@@ -555,7 +567,8 @@ def train_step(run: Run, step: int) -> dict:
             stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
                                               ro.response_mask.sum().float())
         stats_parts.append(stats)
-        del s_logits, teacher_out, token_loss, loss
+        del s_logits, teacher_out, token_loss, loss, teacher_cache
+        ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
         timings["train"] += time.time() - t0 - probe_time
 
     # ---- 3. phase B: future-distributed guidance along the teacher's windows ----
@@ -573,8 +586,7 @@ def train_step(run: Run, step: int) -> dict:
             with (contextlib.nullcontext() if r == n_rounds - 1 or world == 1 else model.no_sync()), run.autocast(), \
                     without_checkpointing(student, cfg.gradient_checkpointing):
                 if r < len(guide_items):
-                    prefixes, conts = guide_items[r]
-                    s_enc = sample.encode_prefixes(student, prefixes, run.pad_id)  # prefix cache, no grad
+                    s_enc, conts = guide_items[r]  # the states' cached prefixes (no grad) and the teacher's windows
                     s_win = teacher_lib.continuation_logits(model, s_enc, conts.ids)  # (Nd, K, H, V) with grad
                     window_kl = topd.kl_divergence(conts.logits, s_win, vocab_size=run.vocab_size,
                                                    chunk_size=cfg.chunk_size)  # KL(teacher || student), (Nd, K, H)

@@ -14,7 +14,8 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     assert [(r["mode"], r["detector"]) for r in rows] == reproduce.ROWS
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracy_runs"]) == 1 for r in rows)
     md = (out / "results.md").read_text()
-    assert md.count("\n| opd") == 1 and md.count("| topd |") == 2 and "precision" in md
+    assert md.count("\n| opd |") == 1 and md.count("| opd_suppress |") == 2 and md.count("| topd |") == 2
+    assert "precision" in md
     det = json.loads((out / "detector.json").read_text())
     assert abs(sum(det["candidates"][k] for k in ("surface", "correct", "error", "after_error")) - 1) < 1e-6
     with open(out / "curves.csv") as f:

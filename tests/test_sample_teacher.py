@@ -327,3 +327,26 @@ def test_encoded_prefixes_select_subset(saved):
         a = teacher_mod.continuation_logits(student, sub, ids)
         b = teacher_mod.continuation_logits(student, sample.encode_prefixes(student, [prefixes[2], prefixes[0]], PAD_ID), ids)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prefixes_cut_from_rollout_caches_equal_fresh_encodings(saved):
+    """The probe's states taken from the sampler's and the teacher-scoring pass's KV caches (no re-encoding)
+    give exactly the continuation logits of states encoded from scratch; t = 0 (prompt only) included."""
+    _, student, tok, teacher, _ = saved
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+    ro = sample.sample_rollouts(student, ids, sampling=sample.SamplingConfig(max_new_tokens=12), eos_ids=[EOS_ID],
+                                pad_id=PAD_ID, generator=sample.make_generator(3), keep_cache=True)
+    t_cache = sample.new_cache(teacher)
+    teacher_mod.score_rollouts(teacher, ro, "full", cache=t_cache)
+    lens = ro.response_mask.sum(-1)
+    rows = torch.tensor([0, 2, 1, 0])
+    ts = torch.stack([torch.tensor(0), lens[2] - 1, lens[1] // 2, lens[0] - 1])  # incl. the prompt-only state
+    cont = torch.randint(3, 25, (4, 2, 5))
+    for model, cache in ((student, ro.cache), (teacher, t_cache)):
+        cut = sample.prefixes_from_cache(cache, ro, rows, ts)
+        fresh = sample.encode_prefixes(model, [ro.prefix(int(b), int(t)) for b, t in zip(rows, ts)], PAD_ID)
+        assert torch.equal(cut.last_token, fresh.last_token) and torch.equal(cut.last_position, fresh.last_position)
+        with torch.no_grad():
+            a = teacher_mod.continuation_logits(model, cut, cont)
+            b = teacher_mod.continuation_logits(model, fresh, cont)
+        assert (a - b).abs().max() < 1e-5
