@@ -15,9 +15,10 @@ often gets wrong (see ../shared/OPD_TRAPS.md):
     before generation (trap 12), and randomness comes from a torch.Generator seeded by (seed, step, rank, ...)
     so a run is reproducible and ranks never share samples (trap 16).
 
-The near-future machinery of TOPD (spec sec. 3 and 5) lives here too: `encode_prefixes` runs each state s_t through
-a model ONCE and keeps the KV cache; `sample_continuations` draws K continuations of H tokens from that cache.
-teacher.py scores continuations from the same cache.
+The near-future machinery of TOPD (spec sec. 3 and 5) lives here too. A probed state s_t is a prefix of a rollout,
+so `prefixes_from_cache` cuts it out of the KV cache that sampling (or the teacher's scoring pass) already built;
+`encode_prefixes` runs states through a model once when no such cache is at hand. `sample_continuations` draws K
+continuations of H tokens from those caches, and teacher.py scores continuations from the same caches.
 
 Commands:
     python sample.py                          # demo on a tiny random Llama built from a config (CPU, seconds)

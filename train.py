@@ -420,9 +420,18 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     if toy_mode:
         import toy
         if rank == 0:
-            info = toy.build(cfg.toy_dir, log=log)
+            # torchrun gives every process one thread; the build is rank 0's job alone, so let it use every core
+            threads = torch.get_num_threads()
+            torch.set_num_threads(max(threads, os.cpu_count() or 1))
+            try:
+                info = toy.build(cfg.toy_dir, log=log)
+            finally:
+                torch.set_num_threads(threads)
             log(f"toy world: {cfg.toy_dir} (teacher {info['accuracy']['teacher']['greedy']:.1%}, "
                 f"student {info['accuracy']['student']['greedy']:.1%} greedy at build time)")
+        else:  # wait without holding a core (a collective may spin); torchrun stops us if rank 0 fails
+            while not (Path(cfg.toy_dir) / "build.json").exists():
+                time.sleep(2)
         if dist.is_initialized():
             dist.barrier()
         cfg.student, cfg.teacher = f"{cfg.toy_dir}/student", f"{cfg.toy_dir}/teacher"
