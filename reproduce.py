@@ -79,7 +79,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, detector in ROWS:
+    for mode, detector in sorted({(r["mode"], r["detector"]) for r in rows}, key=ROWS.index):
         label = mode if detector == "-" else f"{mode} ({detector})"
         mine = [r for r in rows if r["mode"] == mode and r["detector"] == detector]
         for key, ax in (("accuracy", ax_acc), ("teacher_kl", ax_kl)):
@@ -107,9 +107,13 @@ def main(argv=None):
     p.add_argument("--rollout-batch", type=int, default=64)
     p.add_argument("--horizon", type=int, default=8, help="the toy world's horizon (train.TOY_DEFAULTS)")
     p.add_argument("--report-prompts", type=int, default=200, help="rollouts for the detector report")
+    p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
+    selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
+    if any(r not in ROWS for r in selected):
+        p.error(f"--rows must be among {[f'{m}:{d}' for m, d in ROWS]}")
     import toy
 
     out = Path(args.out)
@@ -124,7 +128,7 @@ def main(argv=None):
     # --- the runs (resumable) ---
     results, run_dirs = {}, {}
     for seed in args.seeds:
-        for mode, detector in ROWS:
+        for mode, detector in selected:
             path = out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"
             print(f"[{time.time() - t_start:6.0f}s] {mode:12s} {detector:6s} seed {seed}", flush=True)
             results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args)
@@ -133,14 +137,16 @@ def main(argv=None):
     # --- the table ---
     acc = build["accuracy"]
     table = []
-    for mode, detector in ROWS:
+    for mode, detector in selected:
         runs = [results[(mode, detector, s)] for s in args.seeds]
         after = [r["accuracy_after"] for r in runs]
         table.append({"mode": mode, "detector": detector, "accuracy_mean": statistics.fmean(after),
                       "accuracy_std": statistics.pstdev(after) if len(after) > 1 else 0.0, "accuracy_runs": after,
                       "accuracy_before": runs[0]["accuracy_before"],
                       "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60})
-    report = toy.detector_report(world, num_prompts=args.report_prompts, horizon=args.horizon)
+    threshold = float(args.train_args[args.train_args.index("--div-threshold") + 1]) \
+        if "--div-threshold" in args.train_args else None
+    report = toy.detector_report(world, num_prompts=args.report_prompts, horizon=args.horizon, div_threshold=threshold)
     (out / "detector.json").write_text(json.dumps(report, indent=2))
     summary = {"world": str(world), "teacher_greedy": acc["teacher"]["greedy"], "student_greedy": acc["student"]["greedy"],
                "seeds": args.seeds, "steps": args.steps, "rollout_batch": args.rollout_batch, "horizon": args.horizon,
@@ -152,6 +158,8 @@ def main(argv=None):
              "", "| method | detector | held-out accuracy (mean ± std) | per seed | minutes / run |", "|---|---|---|---|---|",
              f"| teacher | - | {acc['teacher']['greedy']:.1%} | - | - |",
              f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - |"]
+    if args.train_args:
+        lines[0] += f" Extra train.py flags: `{' '.join(args.train_args)}`."
     for row in table:
         runs = " / ".join(f"{a:.1%}" for a in row["accuracy_runs"])
         lines.append(f"| {row['mode']} | {row['detector']} | {row['accuracy_mean']:.1%} ± {row['accuracy_std']:.1%} | "

@@ -406,7 +406,8 @@ FORK_LABELS = (ERROR, AFTER_ERROR)  # a candidate at or after the first wrong to
 @torch.no_grad()
 def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
                     seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
-                    probe_samples: int = 4, div_alpha: float = 0.5, max_new_tokens: int = 48) -> dict:
+                    probe_samples: int = 4, div_alpha: float = 0.5, div_threshold: float | None = None,
+                    max_new_tokens: int = 48) -> dict:
     """Sample the student on held-out prompts, score with the teacher, label every token, and measure:
 
       top1/top5        share of each label among the top 1% / 5% tokens by full-vocab reverse KL
@@ -414,6 +415,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
                        (s_t taken right before the token, as for a candidate), the cleanest "can it tell" number
       candidates       label mix of the high-loss candidates (select_candidates), the paper's "~30%" question
       detectors        per detector: non-divergent fraction, precision / recall of "divergent" for real forks
+                       (relative rule with div_alpha, or the absolute div_threshold when given)
     """
     import sample
     import teacher as teacher_lib
@@ -483,7 +485,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
         else:
             d = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID], sample.make_generator(seed, 2),
                                  None).scores
-        div = topd.divergent_mask(d, valid, alpha=div_alpha)
+        div = topd.divergent_mask(d, valid, alpha=div_alpha, threshold=div_threshold)
         tp = int((div & is_fork).sum())
         report["detectors"][name] = {
             "nondiv_frac": float((valid & ~div).sum() / valid.sum().clamp(min=1)),
