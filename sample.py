@@ -111,15 +111,18 @@ def encode_prompts(tokenizer, prompts, *, chat_template: bool = False, max_promp
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"prompt {i} is empty")
-            if chat_template:
-                if not getattr(tokenizer, "chat_template", None):
-                    raise ValueError("chat_template=True but the tokenizer has no chat template")
-                extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
-                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                     add_generation_prompt=True, **extra)
-                ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            else:
-                ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own special-token convention (e.g. BOS)
+            if chat_template and not getattr(tokenizer, "chat_template", None):
+                raise ValueError("chat_template=True but the tokenizer has no chat template")
+            try:
+                if chat_template:
+                    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+                    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                         add_generation_prompt=True, **extra)
+                    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+                else:
+                    ids = tokenizer(prompt)["input_ids"]  # the tokenizer's own special-token convention (e.g. BOS)
+            except Exception as e:  # e.g. a character-level toy tokenizer given AIME text: say which prompt
+                raise ValueError(f"prompt {i} ({prompt[:60]!r}...) cannot be encoded by this tokenizer: {e}") from e
         else:
             ids = [int(t) for t in prompt]
         if not ids:

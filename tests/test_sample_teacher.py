@@ -350,3 +350,9 @@ def test_prefixes_cut_from_rollout_caches_equal_fresh_encodings(saved):
             a = teacher_mod.continuation_logits(model, cut, cont)
             b = teacher_mod.continuation_logits(model, fresh, cont)
         assert (a - b).abs().max() < 1e-5
+
+
+def test_unencodable_prompt_is_a_clear_error():
+    """The toy's character tokenizer cannot read AIME text: the error names the prompt instead of a Rust panic."""
+    with pytest.raises(ValueError, match=r"prompt 1 \('Find the sum"):
+        sample.encode_prompts(build_tokenizer(), ["1+2=?\n", "Find the sum of all integer bases"])
