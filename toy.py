@@ -40,7 +40,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -361,7 +361,7 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
         return p.prompt, response_pieces(p, rng, sep_style=TEACHER_SEP, other_sep_rate=cfg.teacher_other_sep_rate,
                                          slip_rate=cfg.teacher_slip_rate)
 
-    def student_example(rng):  # the same 1500 labelled problems over and over, in the student's style
+    def student_example(rng):  # the same few labelled problems (student_pool) over and over, in its style
         p = rng.choice(pool)
         return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate)
 

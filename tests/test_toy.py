@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import torch
 
 import toy
 from eval_aime import extract_answer
