@@ -113,6 +113,7 @@ class TrainConfig:
     chunk_size: int = 1024         # positions per chunk in the fp32 log-softmax kernels
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     log_every: int = 1
+    logp_check_every: int = 10     # steps between sampler-vs-learner log-prob checks (one extra pass over logits)
 
 
 CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
@@ -140,7 +141,7 @@ def parse_config(argv=None) -> TrainConfig:
     toy_defaults = TOY_DEFAULTS if not explicit.get("student") else {}
     cfg = TrainConfig(**{**toy_defaults, **explicit})
     positive = ["num_candidates", "probe_samples", "horizon", "rollout_batch", "micro_batch", "max_new_tokens",
-                "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every"]
+                "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every", "logp_check_every"]
     for name in positive:
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -571,10 +572,11 @@ def train_step(run: Run, step: int) -> dict:
         stats["rollout/len_mean"] = (ro.response_mask.sum().float(), n_rows)
         stats["rollout/truncated_frac"] = (ro.truncated.sum().float(), n_rows)
         stats["rollout/eos_frac"] = (n_rows - ro.truncated.sum().float(), n_rows)
-        with torch.no_grad():  # sampler vs learner log-probs of the same tokens: ~0 unless something is off (trap 14)
-            learner = topd.token_logprobs(s_logits.detach(), ro.response_ids, vocab_size=run.vocab_size)
-            stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
-                                              ro.response_mask.sum().float())
+        if step % cfg.logp_check_every == 0:  # the same steps on every rank, so metric keys stay in step
+            with torch.no_grad():  # sampler vs learner log-probs of the same tokens: ~0 unless something is off (trap 14)
+                learner = topd.token_logprobs(s_logits.detach(), ro.response_ids, vocab_size=run.vocab_size)
+                stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
+                                                  ro.response_mask.sum().float())
         stats_parts.append(stats)
         del s_logits, teacher_out, token_loss, loss, teacher_cache
         ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices

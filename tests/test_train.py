@@ -120,6 +120,9 @@ def test_one_process_two_micro_batches_equals_two_processes(fast_world, tmp_path
     for k in a:
         assert torch.allclose(a[k], b[k], atol=2e-6), k
     ma, mb = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
+    # trap 14: the learner's log-probs of the sampled tokens equal the sampler's (no padding / position / dtype bug)
+    assert ma[0]["rollout/logp_mismatch"] < 1e-4 and mb[0]["rollout/logp_mismatch"] < 1e-4
+    assert "rollout/logp_mismatch" not in ma[1]  # checked every --logp-check-every (10) steps only
     for ra, rb in zip(ma, mb):
         assert ra["opd/teacher_kl"] == pytest.approx(rb["opd/teacher_kl"], rel=1e-5)
 
