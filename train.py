@@ -41,6 +41,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -625,7 +626,9 @@ def train_step(run: Run, step: int) -> dict:
         if run.bad_steps >= cfg.max_bad_steps:
             raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step + 1}: stopping. Lower --lr, "
                                "check the data, or try --dtype float32.")
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule: it follows the step count
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+        run.scheduler.step()
     elapsed = time.time() - t_start
     metrics.update({"step": step + 1, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
                     "skipped": not finite, "tokens_per_s": float(num_tokens) / elapsed,

@@ -206,3 +206,22 @@ def test_gradient_checkpointing_gives_the_same_update(fast_world, tmp_path):
     assert _metrics(tmp_path / "ckpt")[0]["guide/tokens"] > 0
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(fast_world, tmp_path, monkeypatch):
+    """A NaN loss skips the step and keeps the weights; --max-bad-steps in a row stop the run with a message."""
+    import topd
+
+    world, _ = fast_world
+    cfg = train.parse_config(_args(world, tmp_path / "nan", "--mode", "opd", "--rollout-batch", "4",
+                                   "--micro-batch", "4", "--max-bad-steps", "2", "--eval-every", "0"))
+    run = train.setup(cfg, "cpu", log=lambda *a: None)
+    before = {k: v.clone() for k, v in run.student.state_dict().items()}
+    real = topd.topd_objective
+    monkeypatch.setattr(topd, "topd_objective", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    metrics = train.train_step(run, 0)
+    assert metrics["skipped"] and run.bad_steps == 1
+    for k, v in run.student.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
+        train.train_step(run, 1)
