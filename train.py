@@ -233,11 +233,12 @@ def load_prompts(path: str, require_answer: bool):
 def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: int) -> list[int]:
     """The global_batch prompt indices of optimizer step `step`: consecutive slices of seeded permutations
     (one permutation per epoch), so every prompt is seen once per epoch and a resumed run sees the same ones."""
-    out, start = [], step * global_batch
+    out, start, perms = [], step * global_batch, {}
     for pos in range(start, start + global_batch):
         epoch, offset = divmod(pos, num_prompts)
-        perm = torch.randperm(num_prompts, generator=sample.make_generator(seed, 10**6 + epoch))
-        out.append(int(perm[offset]))
+        if epoch not in perms:  # one permutation per epoch (a step spans at most two)
+            perms[epoch] = torch.randperm(num_prompts, generator=sample.make_generator(seed, 10**6 + epoch)).tolist()
+        out.append(perms[epoch][offset])
     return out
 
 
@@ -640,11 +641,10 @@ def reduce_over_ranks(stats_parts: list[dict], device) -> dict:
     """Sum every (numerator, denominator) over micro-batches and ranks, then divide (counts stay counts)."""
     keys = sorted({k for part in stats_parts for k in part})  # the same on every rank: keys depend on the mode
     local = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
-    for part in stats_parts:
+    for part in stats_parts:  # tensor adds on the device: no host sync per statistic
         for i, k in enumerate(keys):
             if k in part:
-                local[i, 0] += float(part[k][0])
-                local[i, 1] += float(part[k][1])
+                local[i] += torch.stack([torch.as_tensor(x, device=device).double() for x in part[k]])
     all_reduce(local)
     out = {k: (float(local[i, 0] / local[i, 1]) if local[i, 1] else float("nan")) for i, k in enumerate(keys)}
     if "guide/tokens" in out:  # a count per step, not a ratio
