@@ -45,6 +45,7 @@ Try it (CPU, no model needed)
     python -m pytest tests/test_eval_aime.py -q
 """
 
+import dataclasses
 import json
 import math
 import operator
@@ -124,13 +125,26 @@ _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _INTEGER_RE = re.compile(r"[+-]?\d+(?:\.0+)?")
 
 
+def _strip_outer_braces(s: str) -> str:
+    """`{197}` -> `197`, but only when the first `{` closes at the very last character: `{1}{2}` is two groups
+    and stays as it is. A TeX group that wraps the whole answer changes nothing in its meaning."""
+    if len(s) < 2 or s[0] != "{" or s[-1] != "}":
+        return s
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
+        if depth == 0:
+            return s[1:-1] if i == len(s) - 1 else s
+    return s
+
+
 def normalize_answer(s: str | None) -> str | None:
     r"""Canonical form of an answer string, or None if nothing is left.
 
     Integers get a canonical spelling, so string equality == integer equality:
         " 033 " -> "33"     "000" -> "0"     "$1,000$" -> "1000"    "\text{33}." -> "33"
         "+7"    -> "7"      "12.0" -> "12"   "90^\circ" -> "90"     "1\,000"     -> "1000"
-        "\$5"   -> "5"      "-0"   -> "0"
+        "\$5"   -> "5"      "-0"   -> "0"     "{197}"  -> "197"   "{{7}}"      -> "7"
     Anything else is only cleaned (whitespace, `$`, wrappers, spacing, trailing `.`) and otherwise returned
     unchanged, e.g. "\frac{1}{2}" -> "\frac{1}{2}", so the same function serves AIME and the toy world.
     """
@@ -148,6 +162,7 @@ def normalize_answer(s: str | None) -> str | None:
         s = _SPACING_RE.sub("", s)
         s = _DEGREE_RE.sub("", s)
         s = s.replace("{,}", ",")  # `1{,}000` is how some TeX writers stop `,` adding space
+        s = _strip_outer_braces(s)  # `{197}` -> `197`: a redundant group around the whole answer
         # A sentence-final period after the box content: "\boxed{33.}" -> "33".
         if s.endswith(".") and not s.endswith(".."):
             s = s[:-1]
@@ -409,6 +424,8 @@ def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=Non
     from sample import SamplingConfig, encode_prompts, eos_token_ids, make_generator, pad_token_id, sample_rollouts
 
     sampling = sampling or SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=32768)
+    if sampling.vocab_size is None:  # never sample a padding column of the model's head (trap 17)
+        sampling = dataclasses.replace(sampling, vocab_size=len(tokenizer))
     chat = chat_template and bool(getattr(tokenizer, "chat_template", None))
     texts = [build_prompt(p["problem"], instruction) for p in problems]
     prompt_ids, _ = encode_prompts(tokenizer, texts, chat_template=chat, max_prompt_len=max_prompt_len,

@@ -31,6 +31,7 @@ import argparse
 import copy
 import hashlib
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,14 @@ def load_policy(path: str, device: str | torch.device = "cpu", dtype: torch.dtyp
     return model, tokenizer
 
 
+def quiet_progress_bars() -> None:
+    """transformers draws a progress bar for every save_pretrained / load; in a log file (stderr not a terminal)
+    those redraws are only noise between the step lines, so switch them off there."""
+    if not sys.stderr.isatty():
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+
+
 def make_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator whose seed is a hash of (seed, *indices), e.g. (seed, step, rank, purpose).
 
@@ -73,9 +82,14 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     <|endoftext|>: stopping on only one of them makes rollouts run on past the real end (trap 4). We read the
     EOS *ids* from generation_config, never its sampling settings.
     """
+    return stop_token_ids(tokenizer, model.config, getattr(model, "generation_config", None))
+
+
+def stop_token_ids(tokenizer, config, generation_config=None) -> list[int]:
+    """eos_token_ids from the parts, so that train.py can compare two models' stop sets before loading weights."""
     ids: list[int] = []
-    sources = [getattr(tokenizer, "eos_token_id", None), getattr(model.config, "eos_token_id", None),
-               getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
+    sources = [getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None),
+               getattr(generation_config, "eos_token_id", None)]
     for src in sources:
         for i in ([src] if isinstance(src, int) else (src or [])):
             if i is not None and int(i) not in ids:
@@ -83,6 +97,19 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     if not ids:
         raise ValueError("the model and tokenizer define no EOS token id; set tokenizer.eos_token")
     return ids
+
+
+def special_token_ids(tokenizer, eos_ids=()) -> list[int]:
+    """Every id that is markup rather than text: the tokenizer's special tokens, every ADDED token, and the EOS ids.
+
+    Added tokens count even when not flagged special: Qwen3's `<think>` / `</think>` are added with special=False,
+    and chat markers (`<|im_start|>`, `<|im_end|>`) are where a template puts structure. They are often the
+    highest-loss tokens of a rollout (the teacher and student disagree about when to stop thinking), but "where the
+    template puts a marker" is not a reasoning fork: TOPD never picks them as candidates (trap 21).
+    """
+    ids = set(int(i) for i in eos_ids) | set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids |= {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+    return sorted(ids)
 
 
 def pad_token_id(tokenizer) -> int:
@@ -172,9 +199,11 @@ class SamplingConfig:
     top_k: int = 0             # 0 = off
     top_p: float = 1.0         # 1.0 = off
     max_new_tokens: int = 256  # response length cap; rollouts that hit it are `truncated`
+    vocab_size: int | None = None  # the TOKENIZER's size: columns at or past it get probability 0 (None = all)
 
     def __post_init__(self):
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 \
+                or (self.vocab_size is not None and self.vocab_size < 1):
             raise ValueError(f"invalid sampling settings: {self}")
 
 
@@ -199,11 +228,14 @@ def model_step(model, ids, attention_mask, position_ids, cache, logits_to_keep: 
 
 
 def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
-    """Raw logits (N, V) -> fp32 logits of the distribution we actually sample from.
+    """Raw logits (N, V) -> fp32 logits of the distribution we actually sample from, (N, cfg.vocab_size or V).
 
+    The model's padding columns go first (trap 17): models pad config.vocab_size past the tokenizer (Qwen3: 151936
+    columns for 151669 tokens), the padding rows of the head are untrained, and one draw of such an id would crash
+    every scorer downstream (they slice to the tokenizer's size). Slicing them off gives them probability exactly 0.
     Temperature divides LOGITS (never log-probs, trap 2). Top-k / top-p set excluded logits to -inf.
     """
-    z = logits.float()
+    z = logits[..., :cfg.vocab_size].float()
     if cfg.temperature != 1.0:
         z = z / max(cfg.temperature, 1e-6)
     if cfg.top_k and cfg.top_k < z.shape[-1]:
@@ -349,6 +381,32 @@ class EncodedPrefixes:
         return len(self.last_token)
 
 
+def check_prefix_cache(model) -> None:
+    """Raise ValueError unless every layer of this model keeps per-token keys and values that can be cut to a prefix.
+
+    The probe and the guidance windows start from states s_t cut out of a KV cache (prefixes_from_cache) or encoded
+    with left padding (encode_prefixes); both assume that a layer's cache is one key/value column per token.
+    Linear-attention / state-space layers (Qwen3-Next's gated delta net, Mamba, hybrid models) keep a recurrent
+    state instead: it cannot be cropped to an earlier position, and left padding leaks into it. Those models would
+    get WRONG prefixes silently, so they are refused here, naming the layer type, before any compute.
+    Sliding-window layers are fine: their prefixes are re-encoded (see prefixes_from_cache).
+    """
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = new_cache(model)
+    config = getattr(model, "config", None)
+    layer_types = list(getattr(config, "layer_types", None) or getattr(getattr(config, "text_config", None),
+                                                                         "layer_types", None) or [])
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) or type(layer).__name__ == "DummyLayer":
+            continue
+        kind = layer_types[i] if i < len(layer_types) else "?"
+        raise ValueError(
+            f"layer {i} of {type(model).__name__} is of type {kind!r} (cache {type(layer).__name__}): it keeps a "
+            "recurrent state, not per-token keys and values, so the probe and the guidance windows cannot start "
+            "from a prefix of a rollout. Use --mode opd, or a model with attention layers only.")
+
+
 def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch.Tensor) -> EncodedPrefixes | None:
     """States s_t = (row, t) of `rollouts` as EncodedPrefixes cut out of a KV cache of the whole rollout batch
     (the sampler's, or the teacher's scoring pass), instead of running every prefix through the model again.
@@ -363,6 +421,10 @@ def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch
     """
     P = rollouts.prompt_width
     width = P + int(ts.max()) - 1  # cached columns needed: everything before each state's last token
+    from transformers.cache_utils import DynamicLayer
+    if any(not isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", [])):
+        raise ValueError(f"a cache with {sorted({type(l).__name__ for l in cache.layers})} layers cannot be cut to "
+                         "a prefix (see check_prefix_cache)")
     sliding = getattr(cache, "is_sliding", False)
     if width < 1 or (any(sliding) if isinstance(sliding, (list, tuple)) else sliding):
         return None

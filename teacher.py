@@ -48,11 +48,17 @@ def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dty
 
 
 def check_compatible(student_tokenizer, teacher_tokenizer, student_config=None, teacher_config=None,
-                     student_name: str = "student", teacher_name: str = "teacher") -> int:
+                     student_name: str = "student", teacher_name: str = "teacher", *, student_stop=None,
+                     teacher_stop=None, allow_stop_mismatch: bool = False, warn=print) -> int:
     """Raise ValueError unless both models read token ids the same way. Returns the shared vocabulary size.
 
     Same mapping = every id decodes to the same token string in both vocabularies, and the BOS / EOS / PAD tokens
     agree. config.vocab_size may differ (padding rows), but each must cover the tokenizer.
+    Stop sets (student_stop / teacher_stop: every EOS id of each model, sample.stop_token_ids) must be equal too
+    (trap 18): when the student stops on a token the teacher reads as text (a base student with an instruct
+    teacher, or templates with different end-of-turn tokens), the teacher scores the student's stop as unlikely,
+    OPD drives the stop probability to zero and rollouts run to the length cap. allow_stop_mismatch=True turns the
+    error into a warning, for users who know why their sets differ.
     """
     s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
     if s_vocab != t_vocab:
@@ -68,6 +74,16 @@ def check_compatible(student_tokenizer, teacher_tokenizer, student_config=None, 
         s_tok, t_tok = getattr(student_tokenizer, attr, None), getattr(teacher_tokenizer, attr, None)
         if attr != "pad_token" and s_tok != t_tok:
             raise ValueError(f"{attr} differs: {student_name} has {s_tok!r}, {teacher_name} has {t_tok!r}")
+    if student_stop is not None and teacher_stop is not None and set(student_stop) != set(teacher_stop):
+        def named(ids):
+            return "{" + ", ".join(f"{i} {student_tokenizer.convert_ids_to_tokens(int(i))!r}" for i in sorted(ids)) + "}"
+        message = (f"stop tokens differ: {student_name} stops on {named(student_stop)}, {teacher_name} on "
+                   f"{named(teacher_stop)}. The teacher would score the student's stop token as text and OPD would "
+                   "teach the student never to stop (rollouts run to --max-new-tokens).")
+        if not allow_stop_mismatch:
+            raise ValueError(message + " Align the models' eos_token_id / generation_config, or pass "
+                             "--allow-stop-mismatch if you know why they differ.")
+        warn("WARNING: " + message + " (--allow-stop-mismatch: continuing)")
     size = len(student_tokenizer)
     for name, cfg in ((student_name, student_config), (teacher_name, teacher_config)):
         if cfg is not None and getattr(cfg, "vocab_size", size) < size:
@@ -138,6 +154,55 @@ def score_continuations(model, prefixes: EncodedPrefixes, conts: Continuations, 
     return token_logprobs(logits, conts.ids, vocab_size=vocab_size, chunk_size=chunk_size) * conts.mask
 
 
+@torch.no_grad()
+def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tolerance: float | None = None,
+               chunk_size: int = DEFAULT_CHUNK) -> dict:
+    """Score one real rollout batch several ways and fail unless they agree (trap 20). Returns the numbers.
+
+      repeat      KL(teacher || teacher) between two identical scoring passes: a non-deterministic kernel (some
+                  fused attention or MoE routing kernels are) makes the teacher disagree with itself by as much as
+                  the OPD signal it is supposed to give;
+      cached      the same scores computed token by token through the KV cache (prefill the prompt, then one token
+                  at a time), the path that sampling and the probe's prefixes use: a wrong cache, wrong position
+                  ids or a padding mistake shows up here as a disagreement with the plain forward.
+    Each is the largest per-token KL over the response tokens (nats). tolerance defaults to 1e-4 for fp32 models
+    and 2e-2 for bf16 / fp16 ones (their kernels round differently between a batched and an incremental pass).
+    Raises RuntimeError naming the check that failed.
+    """
+    from topd import kl_divergence
+
+    dtype = next(model.parameters()).dtype
+    tolerance = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
+    mask = rollouts.response_mask.bool()  # (B, R)
+    first = response_logits(model, rollouts)  # (B, R, V)
+    second = response_logits(model, rollouts)
+    # token by token through the cache: prefill the left-padded prompts, then feed the response one token at a time
+    from sample import new_cache
+    P, R = rollouts.prompt_width, rollouts.response_ids.shape[1]
+    cache, att = new_cache(model), rollouts.attention_mask
+    positions = position_ids_from_mask(att)
+    steps = [model_step(model, rollouts.ids[:, :P], att[:, :P], positions[:, :P], cache, logits_to_keep=1)[:, -1]]
+    for r in range(R - 1):  # response token r predicts r + 1
+        col = P + r
+        steps.append(model_step(model, rollouts.ids[:, col:col + 1], att[:, :col + 1], positions[:, col:col + 1],
+                                cache)[:, -1])
+    cached = torch.stack(steps, 1)  # (B, R, V)
+    result = {}
+    for name, other in (("repeat", second), ("cached", cached)):
+        kl = kl_divergence(first, other, vocab_size=vocab_size, chunk_size=chunk_size)  # (B, R)
+        result[name] = float(kl[mask].abs().max()) if mask.any() else 0.0
+    result["tokens"] = int(mask.sum())
+    result["tolerance"] = tolerance
+    for name, what in (("repeat", "two identical scoring passes of the same rollout (non-deterministic kernels?)"),
+                       ("cached", "a plain forward and the KV-cached token-by-token pass (cache / position ids / "
+                                  "padding bug?)")):
+        if not result[name] <= tolerance:
+            raise RuntimeError(f"teacher self-check failed: KL between {what} is {result[name]:.3g} nats on some "
+                               f"token, above the tolerance {tolerance:g}. The teacher's scores are not reliable; "
+                               "fix this before training (or --no-self-check to skip the check).")
+    return result
+
+
 def main(argv=None):
     from sample import _tiny_random_model, make_generator, sample_rollouts, SamplingConfig, load_policy, \
         encode_prompts, eos_token_ids, pad_token_id
@@ -147,6 +212,8 @@ def main(argv=None):
     parser.add_argument("--student", default=None)
     parser.add_argument("--teacher", default=None)
     parser.add_argument("--prompt", default="12+34=?\n")
+    parser.add_argument("--self-check", action="store_true",
+                        help="score one rollout twice and token by token through the KV cache; fail on disagreement")
     args = parser.parse_args(argv)
     if args.student is None:
         student, teacher = _tiny_random_model(), _tiny_random_model()
@@ -158,11 +225,18 @@ def main(argv=None):
     else:
         student, s_tok = load_policy(args.student)
         teacher, t_tok = load_teacher(args.teacher)
-        vocab = check_compatible(s_tok, t_tok, student.config, teacher.config, args.student, args.teacher)
+        eos = eos_token_ids(student, s_tok)
+        vocab = check_compatible(s_tok, t_tok, student.config, teacher.config, args.student, args.teacher,
+                                 student_stop=eos, teacher_stop=eos_token_ids(teacher, t_tok))
         prompt_ids, _ = encode_prompts(s_tok, [args.prompt])
-        pad, eos = pad_token_id(s_tok), eos_token_ids(student, s_tok)
-    ro = sample_rollouts(student, prompt_ids, sampling=SamplingConfig(max_new_tokens=16), eos_ids=eos, pad_id=pad,
-                         generator=make_generator(0, 0, 0))
+        pad = pad_token_id(s_tok)
+    ro = sample_rollouts(student, prompt_ids, sampling=SamplingConfig(max_new_tokens=16, vocab_size=vocab),
+                         eos_ids=eos, pad_id=pad, generator=make_generator(0, 0, 0))
+    if args.self_check:
+        r = self_check(teacher, ro, vocab_size=vocab)
+        print(f"teacher self-check passed on {r['tokens']} response tokens: KL(teacher || teacher) between two "
+              f"passes {r['repeat']:.2e}, plain vs KV-cached pass {r['cached']:.2e} (tolerance {r['tolerance']:g})")
+        return r
     with torch.no_grad():
         kl = per_token_kl(response_logits(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
     for b in range(kl.shape[0]):

@@ -112,8 +112,8 @@ class _ChunkedKL(torch.autograd.Function):
             # (c, V) fp32 log-probs; dtype= upcasts inside the fused kernel, no separate conversion pass
             logp = torch.log_softmax(a[rows], -1, dtype=torch.float32)
             logq = torch.log_softmax(b[rows], -1, dtype=torch.float32)
-            lse_a[rows] = a[rows, 0].float() - logp[:, 0]  # log-normaliser recovered from one column
-            lse_b[rows] = b[rows, 0].float() - logq[:, 0]
+            lse_a[rows] = _log_normaliser(a[rows], logp)
+            lse_b[rows] = _log_normaliser(b[rows], logq)
             p = logp.exp()
             p_logp = torch.linalg.vecdot(p, logp)  # sum_v p log p, multiply and sum in one pass
             kl[rows] = p_logp - torch.linalg.vecdot(p, logq)
@@ -158,6 +158,18 @@ class _ChunkedKL(torch.autograd.Function):
         return grad_a, grad_b, None
 
 
+def _log_normaliser(z: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(z_v) per row, read off a row's finite maximum: lse = z_max - log p(z_max).
+
+    The maximum of a row is finite unless every logit is -inf, so this stays correct when some columns are -inf
+    (a masked token). Reading it off column 0 instead gives -inf - (-inf) = NaN whenever column 0 is masked: a
+    finite loss with a NaN gradient. One read pass (the max), no second exp pass as logsumexp would need.
+    z (c, V) any float dtype, logp (c, V) fp32 = log_softmax(z). Returns (c,) fp32.
+    """
+    z_max, where = z.max(dim=-1, keepdim=True)  # (c, 1)
+    return (z_max.float() - logp.gather(-1, where)).squeeze(-1)
+
+
 def _kl_rows_clamped(za: torch.Tensor, zb: torch.Tensor):
     """KL and entropy of a few rows with -inf logits: log-probs clamped at LOGP_FLOOR so 0 * inf never happens."""
     logp = torch.log_softmax(za, -1).clamp_min(LOGP_FLOOR)
@@ -173,18 +185,24 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, chunk_size):
+    def forward(ctx, logits, ids, chunk_size, with_entropy):
         # logits: (M, V), ids: (M,) long
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (M,)
+        entropy = torch.full_like(out, math.nan)  # (M,) filled only when asked for (two extra passes per chunk)
         for rows in _position_chunks(logits.shape[0], chunk_size):
             z = logits[rows].float()  # (c, V)
-            out[rows] = z.gather(-1, ids[rows, None]).squeeze(-1) - torch.logsumexp(z, dim=-1)
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            out[rows] = z.gather(-1, ids[rows, None]).squeeze(-1) - lse
+            if with_entropy:  # H = lse - sum_v softmax(z)_v z_v  (a masked -inf column contributes 0)
+                p = torch.softmax(z, dim=-1)
+                entropy[rows] = lse - torch.linalg.vecdot(p, z.clamp_min(LOGP_FLOOR))
         ctx.save_for_backward(logits, ids)
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         logits, ids = ctx.saved_tensors
         grad = torch.empty_like(logits)  # (M, V)
         for rows in _position_chunks(logits.shape[0], ctx.chunk_size):
@@ -192,12 +210,13 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             minus_softmax = -torch.softmax(logits[rows].float(), dim=-1)  # (c, V)
             minus_softmax.scatter_add_(-1, ids[rows, None], torch.ones_like(g))  # + one-hot(y)
             grad[rows] = (g * minus_softmax).to(logits.dtype)
-        return grad, None, None
+        return grad, None, None, None
 
 
 def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int | None = None,
-                   chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """log pi(ids[..., t] | s_t) in fp32, differentiable, O(chunk x V) extra memory.
+                   chunk_size: int = DEFAULT_CHUNK, return_entropy: bool = False):
+    """log pi(ids[..., t] | s_t) in fp32, differentiable, O(chunk x V) extra memory (and, with return_entropy,
+    the distribution's entropy per position, detached: the `entropy` diagnostic of the `sampled` estimator).
 
     logits: (..., V) -- ALREADY ALIGNED with ids: logits[..., t, :] is the distribution that produced ids[..., t].
     For a causal LM over a sequence x this means logits[:, :-1] against x[:, 1:] (OPD trap 1); the callers in
@@ -210,8 +229,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int |
     if ids.numel() and int(ids.max()) >= width:
         raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of size {width}")
     flat = logits[..., :width].reshape(-1, width)  # (M, V); a view when no slicing is needed
-    out = _ChunkedTokenLogprob.apply(flat, ids.reshape(-1), chunk_size)  # (M,)
-    return out.view(ids.shape)
+    out, entropy = _ChunkedTokenLogprob.apply(flat, ids.reshape(-1), chunk_size, return_entropy)  # (M,), (M,)
+    return (out.view(ids.shape), entropy.view(ids.shape)) if return_entropy else out.view(ids.shape)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, *, vocab_size: int | None = None,
@@ -287,9 +306,10 @@ def opd_token_loss(student_logits: torch.Tensor, ids: torch.Tensor, *, estimator
     if estimator == "sampled":
         if teacher_logprobs is None:
             raise ValueError("estimator='sampled' needs teacher_logprobs")
-        student_logp = token_logprobs(student_logits, ids, vocab_size=vocab_size, chunk_size=chunk_size)  # (B, T)
+        student_logp, entropy = token_logprobs(student_logits, ids, vocab_size=vocab_size, chunk_size=chunk_size,
+                                               return_entropy=True)  # (B, T), (B, T)
         reward_free_loss = student_logp.detach() - teacher_logprobs.detach().float()  # l_t, no grad
-        return TokenLoss(reward_free_loss, reward_free_loss * student_logp)  # sg(l_t) * log pi_theta(y_t)
+        return TokenLoss(reward_free_loss, reward_free_loss * student_logp, entropy)  # sg(l_t) * log pi_theta(y_t)
     raise ValueError(f"unknown estimator {estimator!r}: expected 'full' or 'sampled'")
 
 

@@ -38,12 +38,15 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+import sample
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,7 +230,10 @@ class ToyConfig:
     teacher_other_sep_rate: float = 0.02  # the teacher's data has the student's "," at this rate
     teacher_slip_rate: float = 0.10       # steps written with a slip + correction in the teacher's data
     student_pool: int = 800        # the student's only labelled problems
-    student_steps: int = 650
+    student_steps: int = 1500      # the schedule's length; training stops earlier, at the set point below
+    student_target: float = 0.35   # stop the student's SFT at the first held-out evaluation >= this accuracy
+    student_eval_every: int = 10   # steps between those evaluations ...
+    student_eval_from: int = 150   # ... from this step on (below it the student is near 0%)
     student_other_sep_rate: float = 0.10  # the student's data has the teacher's ";" at this rate
     batch_size: int = 64
     lr: float = 3e-3
@@ -235,7 +241,7 @@ class ToyConfig:
 
 
 FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_steps=350, student_pool=500,
-            student_steps=200, hidden=96)
+            student_steps=400, student_eval_from=50, hidden=96)
 
 
 def make_model(cfg: ToyConfig, layers: int, seed: int):
@@ -267,8 +273,12 @@ def sft_batch(examples):
     return ids, mask, position_ids_from_mask(mask), labels
 
 
-def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: str):
-    """Plain next-token cross-entropy on the trained response tokens; AdamW, warmup, cosine to 0.1x."""
+def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: str, stop_when=None):
+    """Plain next-token cross-entropy on the trained response tokens; AdamW, warmup, cosine to 0.1x.
+
+    stop_when(step, model) -> bool, when given, is asked after every step and ends training early when it says so
+    (the student's set-point stop below). Returns (model in eval mode, number of steps run).
+    """
     from tqdm import tqdm
 
     rng = random.Random(seed)
@@ -276,8 +286,9 @@ def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: st
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
                                               (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False)
-    for _ in bar:
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())  # no bar in a log file
+    step = 0
+    for step in range(1, steps + 1):
         ids, mask, pos, labels = sft_batch([example_fn(rng) for _ in range(cfg.batch_size)])
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]  # predicts ids[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
@@ -287,8 +298,36 @@ def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if stop_when is not None and stop_when(step, model):
+            break
+    bar.close()
+    return model.eval(), step
+
+
+def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=None):
+    """stop_when for the student: True at the first evaluation (every `every` steps from step `first`) whose
+    greedy accuracy on `rows` is >= target.
+
+    Why a set point and not a fixed step count: a student trained on a few labels climbs its learning curve
+    steeply (a few points per 10 steps), and where it is after a FIXED number of steps depends on float rounding,
+    i.e. on the CPU and the thread count: the same seed gave 34.8% on one machine and 22.8% on another. Stopping at
+    the first evaluation at or above the target lands every machine, thread count and seed in
+    [target, target + one interval's climb]. The evaluation rows are the held-out prompts, so that the accuracy
+    printed as "before" is the one that was aimed at; they choose one number (when to stop), nothing else, and the
+    selection can only push the starting accuracy up by the noise of one evaluation, i.e. make the gains that
+    distillation reports smaller, never larger.
+    """
+    def stop_when(step: int, model) -> bool:
+        if step < first or step % every:
+            return False
+        acc = accuracy(model, tokenizer, rows)
+        model.train()
+        if log is not None:
+            log(f"student SFT step {step}: held-out accuracy {acc:.1%} (target {target:.0%})")
+        return acc >= target
+    return stop_when
 
 
 EVAL_MAX_NEW_TOKENS = 48  # a toy solution is <= 30 tokens; this also caps runaway generations
@@ -324,9 +363,66 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print) -> dict:
+@dataclass
+class WorldData:
+    """The problems of a world, all drawn from one seeded stream (so every build of a config has the same ones)."""
+    test: list        # held-out prompts with answers (test.jsonl)
+    train: list       # unlabelled distillation prompts (train.jsonl), disjoint from test
+    pool: list        # the student's few labelled problems, disjoint from test
+
+    @property
+    def test_rows(self) -> list[dict]:
+        return [{"prompt": p.prompt, "answer": str(p.answer)} for p in self.test]
+
+
+def world_data(cfg: ToyConfig) -> WorldData:
+    data_rng = random.Random(cfg.seed)
+    test = [make_problem(data_rng, cfg.max_value, cfg.max_operands) for _ in range(cfg.num_test_prompts)]
+    held_out = {p.prompt for p in test}
+
+    def draw(n):  # n problems whose prompts are not held out
+        out = []
+        while len(out) < n:
+            p = make_problem(data_rng, cfg.max_value, cfg.max_operands)
+            if p.prompt not in held_out:
+                out.append(p)
+        return out
+    train = draw(cfg.num_train_prompts)
+    return WorldData(test, train, draw(cfg.student_pool))
+
+
+def build_teacher(cfg: ToyConfig, data: WorldData):
+    """SFT on fresh problems (never a held-out one), in the teacher's style, with slips and their corrections."""
+    held_out = {p.prompt for p in data.test}
+
+    def teacher_example(rng):
+        p = make_problem(rng, cfg.max_value, cfg.max_operands)
+        while p.prompt in held_out:
+            p = make_problem(rng, cfg.max_value, cfg.max_operands)
+        return p.prompt, response_pieces(p, rng, sep_style=TEACHER_SEP, other_sep_rate=cfg.teacher_other_sep_rate,
+                                         slip_rate=cfg.teacher_slip_rate)
+    model, _ = train_sft(make_model(cfg, cfg.teacher_layers, cfg.seed + 1), teacher_example, cfg.teacher_steps, cfg,
+                         cfg.seed + 11, "teacher SFT")
+    return model
+
+
+def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None):
+    """SFT on the same few labelled problems (data.pool) over and over, in the student's style, stopped at the
+    set point cfg.student_target (see set_point_stop). Returns (model, steps run)."""
+    def student_example(rng):
+        p = rng.choice(data.pool)
+        return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate)
+    return train_sft(make_model(cfg, cfg.student_layers, cfg.seed + 2), student_example, cfg.student_steps, cfg,
+                     cfg.seed + 12, "student SFT",
+                     stop_when=set_point_stop(data.test_rows, tokenizer, cfg.student_target, cfg.student_eval_every,
+                                              cfg.student_eval_from, log=log))
+
+
+def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print,
+          verbose_log=None) -> dict:
     """Build (or reuse) the world in `out`: tokenizer, teacher/, student/, train.jsonl, test.jsonl, build.json.
 
+    verbose_log, when given, receives one line per student evaluation (the set-point stop).
     Reuse happens when build.json exists and records the same ToyConfig. Everything is written into a temporary
     sibling folder and renamed at the end, so an interrupted build never leaves a half world behind.
     """
@@ -337,47 +433,19 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
         if info.get("config") == asdict(cfg):
             return info
         log(f"{out}: built with a different config; rebuilding")
+    sample.quiet_progress_bars()
     t0 = time.time()
-    data_rng = random.Random(cfg.seed)
-    problem = lambda rng: make_problem(rng, cfg.max_value, cfg.max_operands)  # noqa: E731
-    test = [problem(data_rng) for _ in range(cfg.num_test_prompts)]
-    held_out = {p.prompt for p in test}
-    train = []
-    while len(train) < cfg.num_train_prompts:  # distillation prompts never overlap the test set
-        p = problem(data_rng)
-        if p.prompt not in held_out:
-            train.append(p)
-    pool = []
-    while len(pool) < cfg.student_pool:
-        p = problem(data_rng)
-        if p.prompt not in held_out:
-            pool.append(p)
-    tokenizer = build_tokenizer()
-
-    def teacher_example(rng):
-        p = problem(rng)
-        while p.prompt in held_out:
-            p = problem(rng)
-        return p.prompt, response_pieces(p, rng, sep_style=TEACHER_SEP, other_sep_rate=cfg.teacher_other_sep_rate,
-                                         slip_rate=cfg.teacher_slip_rate)
-
-    def student_example(rng):  # the same few labelled problems (student_pool) over and over, in its style
-        p = rng.choice(pool)
-        return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate)
-
+    data, tokenizer = world_data(cfg), build_tokenizer()
+    teacher = build_teacher(cfg, data)
     t1 = time.time()
-    teacher = train_sft(make_model(cfg, cfg.teacher_layers, cfg.seed + 1), teacher_example, cfg.teacher_steps, cfg,
-                        cfg.seed + 11, "teacher SFT")
+    student, student_steps = build_student(cfg, data, tokenizer, log=verbose_log)
     t2 = time.time()
-    student = train_sft(make_model(cfg, cfg.student_layers, cfg.seed + 2), student_example, cfg.student_steps, cfg,
-                        cfg.seed + 12, "student SFT")
-    t3 = time.time()
-    test_rows = [{"prompt": p.prompt, "answer": str(p.answer)} for p in test]
-    acc = {name: {"greedy": accuracy(m, tokenizer, test_rows, temperature=0.0),
-                  "t1": accuracy(m, tokenizer, test_rows, temperature=1.0, seed=cfg.seed)}
+    acc = {name: {"greedy": accuracy(m, tokenizer, data.test_rows, temperature=0.0),
+                  "t1": accuracy(m, tokenizer, data.test_rows, temperature=1.0, seed=cfg.seed)}
            for name, m in (("teacher", teacher), ("student", student))}
-    info = {"config": asdict(cfg), "accuracy": acc,
-            "seconds": {"teacher_sft": round(t2 - t1, 1), "student_sft": round(t3 - t2, 1),
+    info = {"config": asdict(cfg), "accuracy": acc, "student_sft_steps": student_steps,
+            "threads": torch.get_num_threads(),
+            "seconds": {"teacher_sft": round(t1 - t0, 1), "student_sft": round(t2 - t1, 1),
                         "total": round(time.time() - t0, 1)},
             "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
                        "student": sum(p.numel() for p in student.parameters())}}
@@ -387,8 +455,8 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
         model.generation_config.pad_token_id = PAD_ID
         model.save_pretrained(tmp / name)
         tokenizer.save_pretrained(tmp / name)
-    write_prompts(tmp / "train.jsonl", train)
-    write_prompts(tmp / "test.jsonl", test)
+    write_prompts(tmp / "train.jsonl", data.train)
+    write_prompts(tmp / "test.jsonl", data.test)
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -522,7 +590,7 @@ def main(argv=None):
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = ToyConfig(**FAST) if args.fast else ToyConfig()
     out = args.out or ("runs/toy-fast" if args.fast else "runs/toy")
-    info = build(out, cfg, force=args.force)
+    info = build(out, cfg, force=args.force, verbose_log=print)
     a = info["accuracy"]
     print(f"toy world in {out} ({info['seconds']['total']} s to build; params teacher {info['params']['teacher']:,}, "
           f"student {info['params']['student']:,})")

@@ -40,6 +40,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -78,8 +79,9 @@ class TrainConfig:
     detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
     probe_samples: int = 4         # K continuations per model per candidate
     horizon: int = 32              # H tokens per continuation / window
-    div_alpha: float = 0.5         # relative threshold tau = mean + alpha * std (per rollout)
-    div_threshold: float = -1.0    # absolute threshold in nats/token; < 0 = use the relative rule
+    div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
+    div_alpha: float = 0.5         # alpha of the relative rule
+    div_threshold: float = 1.0     # tau of the absolute rule, in D's units (nats/token); may be negative (--kl sampled)
     suppress_weight: float = 0.0   # weight of non-divergent candidates in L_OPD
     guide_weight: float = 1.0      # lambda
     guide_decay: float = 1.0       # gamma over the window
@@ -87,7 +89,7 @@ class TrainConfig:
     rollout_batch: int = 64        # prompts per optimizer step, all ranks together
     micro_batch: int = 32          # rollouts per forward/backward (per rank)
     max_new_tokens: int = 48       # response cap; capped rollouts count as truncated
-    temperature: float = 1.0       # 1.0 = on-policy; the estimators assume it
+    temperature: float = 1.0       # 1.0 = on-policy; the estimators assume it (any other value: warned, biased)
     ignore_eos: bool = False       # benchmarks only: always sample max_new_tokens tokens
     # optimisation
     steps: int = 300
@@ -104,9 +106,10 @@ class TrainConfig:
     eval_limit: int = 500          # evaluate on at most this many held-out prompts
     eval_temperature: float = 0.0  # 0 = greedy
     save_every: int = 0            # steps between checkpoints (0 = only at the end)
-    keep_checkpoints: int = 2
-    out: str = "runs/train"
-    resume: bool = False           # continue from out/latest
+    keep_checkpoints: int = 2      # this run's newest checkpoints kept; older ones of THIS run are deleted
+    out: str = ""                  # run folder; "" = runs/<mode> (opd) or runs/<mode>-<detector>
+    resume: bool = False           # continue from out/latest (the flags must match the checkpoint's)
+    overwrite: bool = False        # start afresh in an --out that holds another run, deleting its checkpoints
     stop_at_step: int = 0          # stop early (e.g. a job time limit) after this step; the schedule still uses --steps
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
@@ -115,9 +118,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     log_every: int = 1
     logp_check_every: int = 10     # steps between sampler-vs-learner log-prob checks (one extra pass over logits)
+    self_check: bool = True        # at start: score one rollout twice and through the KV cache; fail on disagreement
+    allow_stop_mismatch: bool = False  # warn instead of failing when the two models' stop tokens differ
 
 
 CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
+           "div_rule": ("relative", "absolute"),
            "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
            "enable_thinking": ("", "true", "false")}
 
@@ -160,7 +166,32 @@ def parse_config(argv=None) -> TrainConfig:
             parser.error(f"--{name.replace('_', '-')}: file not found: {path}")
     if cfg.student and not cfg.prompts:
         parser.error("--prompts is required with --student/--teacher")
+    if "div_threshold" in explicit and cfg.div_rule != "absolute":
+        parser.error("--div-threshold is the tau of the absolute rule: add --div-rule absolute (the relative rule "
+                     "uses --div-alpha)")
+    if cfg.resume and cfg.overwrite:
+        parser.error("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    if cfg.temperature != 1.0:
+        warnings.warn(f"--temperature {cfg.temperature}: rollouts are not samples of the student's policy, so both "
+                      "estimators of the reverse KL (full and sampled) are biased; OPD's theory assumes 1.0",
+                      stacklevel=2)
+    cfg.out = cfg.out or (f"runs/{cfg.mode}" if cfg.mode == "opd" else f"runs/{cfg.mode}-{cfg.detector}")
     return cfg
+
+
+# Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
+# trajectory of the weights. Any other difference (--steps, --lr, ...) would silently change the schedule or the
+# method half-way, so resume refuses it.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
+                     "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
+                     "gradient_checkpointing"}
+
+
+def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The flags whose value differs from the checkpoint's config, as '--flag saved -> now' strings."""
+    now = dataclasses.asdict(cfg)
+    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -280,7 +311,7 @@ def probe_divergence(student, teacher, ro: sample.Rollouts, candidates, cfg: Tra
     if len(where) == 0:
         return Probe(scores)
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
-    probe_sampling = sample.SamplingConfig(temperature=1.0)  # the probe samples the policies themselves
+    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
     K, H = cfg.probe_samples, cfg.horizon
     s_enc = state_prefixes(student, ro, rows, ts, ro.cache, pad_id)
     t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
@@ -297,7 +328,7 @@ def probe_divergence(student, teacher, ro: sample.Rollouts, candidates, cfg: Tra
 
 
 def teacher_windows(student, teacher, ro, candidates, divergent, cfg, pad_id, eos_ids, generator,
-                    probe: Probe | None, teacher_cache=None):
+                    probe: Probe | None, teacher_cache=None, vocab_size=None):
     """The guidance windows of spec sec. 5 at the divergent states: (student prefixes, teacher continuations with
     logits), or (None, None) when no state is divergent.
 
@@ -312,8 +343,8 @@ def teacher_windows(student, teacher, ro, candidates, divergent, cfg, pad_id, eo
     rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
     t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, cfg.probe_samples, cfg.horizon,
-                                        sampling=sample.SamplingConfig(temperature=1.0), eos_ids=eos_ids,
-                                        pad_id=pad_id, generator=generator, keep_logits=True)
+                                        sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
+                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_logits=True)
     return state_prefixes(student, ro, rows, ts, ro.cache, pad_id), conts
 
 
@@ -322,6 +353,9 @@ def teacher_windows(student, teacher, ro, candidates, divergent, cfg, pad_id, eo
 # ----------------------------------------------------------------------------------------------------------------
 
 def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg: TrainConfig, extra: dict):
+    """Write out/ckpt-{step}, switch out/latest to it, then delete this run's checkpoints older than it beyond
+    cfg.keep_checkpoints. extra["run_id"] names the run; rotation never touches another run's checkpoints, nor
+    one newer than the checkpoint just written."""
     final = out / f"ckpt-{step:06d}"
     tmp = out / f".tmp-ckpt-{step:06d}-{os.getpid()}"
     if tmp.exists():
@@ -339,16 +373,49 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     pointer = out / ".latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, out / "latest")  # the switch of "latest" is one atomic rename
-    kept = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
-    for old in kept[:-cfg.keep_checkpoints]:
+    older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name < final.name
+                   and checkpoint_run_id(p) == extra.get("run_id"))
+    for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:  # keep_checkpoints counts `final` too
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def latest_checkpoint(out: Path) -> Path | None:
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run a checkpoint belongs to (meta.json's run_id), or None when it has none or cannot be read."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_out(out: Path, cfg: TrainConfig, rank: int) -> None:
+    """Make sure a run never silently mixes with another run's files in the same --out.
+
+    A fresh run in a folder that already holds a run (a `latest` pointer, checkpoints or metrics) is refused unless
+    --overwrite (delete them first) or --resume (continue that run) is given; --resume with nothing to resume is
+    refused too, naming the folder. Called before any model is loaded, so a refusal costs nothing.
+    """
+    held = [p for p in (out / "latest", out / "metrics.jsonl") if p.exists()] + sorted(out.glob("ckpt-*"))
+    if cfg.resume:
+        if not (out / "latest").exists():
+            raise FileNotFoundError(f"--resume: {out} holds no checkpoint to resume from (no {out / 'latest'})")
+        return
+    if held and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in held[:4])}{' ...' if len(held) > 4 else ''}): "
+            "pass --resume to continue it, --overwrite to delete it and start afresh, or another --out")
+    if held and rank == 0:
+        for p in held + sorted(out.glob(".tmp-ckpt-*")) + [out / "results.json"]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def latest_checkpoint(out: Path) -> Path:
     pointer = out / "latest"
     if not pointer.exists():
-        return None
+        raise FileNotFoundError(f"{out} holds no checkpoint (no {pointer})")
     path = out / pointer.read_text().strip()
     if not (path / "trainer_state.pt").exists():
         raise RuntimeError(f"{pointer} points to {path}, which has no trainer_state.pt")
@@ -362,7 +429,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 def held_out_accuracy(model, tokenizer, rows, cfg: TrainConfig, rank, world, integer_range) -> float:
     from eval_aime import evaluate
 
-    sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens)
+    sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                     vocab_size=len(tokenizer))
     with eval_mode(model):
         _, records = evaluate(model, tokenizer, rows, k=1, sampling=sampling, seed=cfg.seed, batch_size=250,
                               instruction=cfg.instruction, chat_template=cfg.chat_template,
@@ -397,6 +465,9 @@ class Run:
     vocab_size: int
     pad_id: int
     eos_ids: list
+    special_ids: list           # never candidates: special and added tokens of the tokenizer, EOS included
+    run_id: str = ""            # names this run's checkpoints (rotation deletes only its own)
+    accuracy_before: float | None = None  # held-out accuracy at step 0, carried through resumes
     start_step: int = 0
     bad_steps: int = 0
 
@@ -412,6 +483,8 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         torch.cuda.set_device(device)
     if cfg.rollout_batch % world:
         raise ValueError(f"--rollout-batch {cfg.rollout_batch} must be divisible by the number of processes {world}")
+    prepare_out(Path(cfg.out), cfg, rank)  # before anything slow: a refused --out costs nothing
+    sample.quiet_progress_bars()
     # Device and dtype, decided here once: fp32 on CPU; on CUDA fp32 master weights and optimizer state with bf16
     # autocast for the student, and a bf16 teacher (it never trains).
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_kind == "cuda")
@@ -445,17 +518,33 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     prompts = load_prompts(cfg.prompts, require_answer=False)
     eval_rows = load_prompts(cfg.eval_prompts, require_answer=True)[:cfg.eval_limit] if cfg.eval_prompts else []
     s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    vocab_size = teacher_lib.check_compatible(s_tok, t_tok, AutoConfig.from_pretrained(cfg.student),
-                                              AutoConfig.from_pretrained(cfg.teacher), cfg.student, cfg.teacher)
+    s_conf, t_conf = AutoConfig.from_pretrained(cfg.student), AutoConfig.from_pretrained(cfg.teacher)
+    vocab_size = teacher_lib.check_compatible(
+        s_tok, t_tok, s_conf, t_conf, cfg.student, cfg.teacher, allow_stop_mismatch=cfg.allow_stop_mismatch, warn=log,
+        student_stop=sample.stop_token_ids(s_tok, s_conf, generation_config(cfg.student)),
+        teacher_stop=sample.stop_token_ids(t_tok, t_conf, generation_config(cfg.teacher)))
     enable_thinking = None if not cfg.enable_thinking else cfg.enable_thinking == "true"
     prompt_ids, n_truncated = sample.encode_prompts(
         s_tok, [build_prompt(p["problem"], cfg.instruction) for p in prompts], chat_template=cfg.chat_template,
         max_prompt_len=cfg.max_prompt_len, strict=cfg.strict, enable_thinking=enable_thinking)
 
+    # --- a resumed run must be the same run: every flag that shapes the trajectory equal to the checkpoint's ---
+    resume_from, meta = None, {}
+    if cfg.resume:
+        resume_from = latest_checkpoint(Path(cfg.out))
+        meta = json.loads((resume_from / "meta.json").read_text())
+        differ = resume_differences(meta["config"], cfg)
+        if differ:
+            raise ValueError(f"--resume from {resume_from}: these flags differ from the checkpoint's run: "
+                             f"{'; '.join(differ)}. Use the run's own flags (meta.json), or start a new run "
+                             f"(--overwrite / another --out)")
+
     # --- models, optimiser, schedule ---
-    resume_from = latest_checkpoint(Path(cfg.out)) if cfg.resume else None
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
     teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, teacher_dtype)
+    if cfg.mode != "opd":  # the probe and the guidance windows start from prefixes cut out of KV caches
+        sample.check_prefix_cache(student)
+        sample.check_prefix_cache(teacher)
     if cfg.gradient_checkpointing:
         set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
     student.train()
@@ -477,17 +566,58 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     run = Run(cfg, rank, world, device, autocast, student, model, teacher, tokenizer, optimizer,
               torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), prompts, prompt_ids, eval_rows,
               None if toy_mode else (0, 999), vocab_size, sample.pad_token_id(tokenizer),
-              sample.eos_token_ids(student, tokenizer))
+              sample.eos_token_ids(student, tokenizer), [], run_id=meta.get("run_id") or new_run_id())
+    run.special_ids = sample.special_token_ids(tokenizer, run.eos_ids)
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"].cpu())
+        restore_rng(state)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
+        run.accuracy_before = meta.get("accuracy_before")
         log(f"resumed from {resume_from} at step {run.start_step}")
+    if cfg.self_check:
+        teacher_self_check(run, log)
     log(f"{len(prompts)} prompts ({n_truncated} left-truncated to {cfg.max_prompt_len} tokens), {len(eval_rows)} "
         f"held-out; {world} process(es) on {device_kind}; vocab {vocab_size}")
     return run
+
+
+def generation_config(path: str):
+    """The checkpoint's GenerationConfig (for its EOS ids only; never its sampling settings), or None if absent."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def restore_rng(state: dict) -> None:
+    """The global RNG states saved with a checkpoint: CPU always, CUDA when both the checkpoint and this machine
+    have it (sampling itself uses seeded generators, but dropout and any library code use the global ones)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+def teacher_self_check(run: Run, log) -> None:
+    """teacher.self_check on a few real rollouts of the student before training starts (trap 20)."""
+    cfg = run.cfg
+    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
+                                     vocab_size=run.vocab_size)
+    with torch.no_grad(), eval_mode(run.student), run.autocast():
+        ro = sample.sample_rollouts(run.student, run.prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
+                                    eos_ids=run.eos_ids, generator=sample.make_generator(cfg.seed, -1, run.rank))
+    r = teacher_lib.self_check(run.teacher, ro, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size)
+    log(f"teacher self-check: KL between two scoring passes {r['repeat']:.1e}, plain vs KV-cached {r['cached']:.1e} "
+        f"nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -501,9 +631,10 @@ def train_step(run: Run, step: int) -> dict:
     timings = {"sample": 0.0, "teacher": 0.0, "probe": 0.0, "train": 0.0}
     per_rank = cfg.rollout_batch // world
     micro = [slice(i, min(i + cfg.micro_batch, per_rank)) for i in range(0, per_rank, cfg.micro_batch)]
-    threshold = None if cfg.div_threshold < 0 else cfg.div_threshold
-    eos = torch.tensor(run.eos_ids, device=device)
-    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens)
+    threshold = cfg.div_threshold if cfg.div_rule == "absolute" else None
+    special = torch.tensor(run.special_ids, device=device)
+    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                     vocab_size=run.vocab_size)
     # the probe and the guidance windows start from states of the rollouts: keep the KV caches that sampling and
     # teacher scoring build anyway, so that no prefix is ever encoded twice
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
@@ -549,7 +680,7 @@ def train_step(run: Run, step: int) -> dict:
             if cfg.mode != "opd":
                 tp = time.time()
                 cands = topd.select_candidates(token_loss.loss, ro.response_mask, cfg.num_candidates, cfg.min_gap,
-                                               special=torch.isin(ro.response_ids, eos))  # (b, C)
+                                               special=torch.isin(ro.response_ids, special))  # (b, C)
                 probe = None
                 with torch.no_grad(), eval_mode(student), run.autocast():
                     if cfg.detector == "probe":
@@ -562,7 +693,8 @@ def train_step(run: Run, step: int) -> dict:
                     divergent = topd.divergent_mask(scores, cands >= 0, alpha=cfg.div_alpha, threshold=threshold)
                     if cfg.mode == "topd":
                         s_prefixes, conts = teacher_windows(student, teacher, ro, cands, divergent, cfg, run.pad_id,
-                                                            run.eos_ids, generator(j, 2), probe, teacher_cache)
+                                                            run.eos_ids, generator(j, 2), probe, teacher_cache,
+                                                            vocab_size=run.vocab_size)
                         if conts is not None:
                             guide_items.append((s_prefixes, conts))
                 parts = dict(candidates=cands, scores=scores, divergent=divergent, suppress_weight=cfg.suppress_weight)
@@ -666,6 +798,23 @@ def all_gather_checksum(model, world: int) -> list[float]:
     return sums
 
 
+class TruncationWatch:
+    """Flags a run whose rollouts keep hitting the length cap: truncated_frac above `limit` for `patience` steps in a
+    row is the first sign of a stop-token mismatch or a length explosion (traps 4 and 18)."""
+
+    def __init__(self, limit: float = 0.5, patience: int = 10):
+        self.limit, self.patience, self.streak = limit, patience, 0
+
+    def update(self, truncated_frac: float) -> str | None:
+        """Count one step; returns a warning line when the streak reaches `patience` (and every `patience` after)."""
+        self.streak = self.streak + 1 if truncated_frac > self.limit else 0
+        if self.streak and self.streak % self.patience == 0:
+            return (f"WARNING: {self.streak} steps in a row with more than {self.limit:.0%} of rollouts truncated at "
+                    "--max-new-tokens: the student is not stopping (stop tokens that differ between the models? a "
+                    "cap too small for the task?)")
+        return None
+
+
 def format_line(m: dict, total_steps: int) -> str:
     line = f"step {m['step']}/{total_steps} | loss {m['opd/loss']:.4f} | kl {m['opd/teacher_kl']:.4f}"
     if "topd/nondiv_frac" in m:
@@ -715,19 +864,26 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
         return acc
 
     results = {}
-    if run.eval_rows:
-        results["accuracy_before"] = evaluate(run.start_step)
+    if run.eval_rows:  # the starting point: measured once, at step 0; a resumed run carries it in its checkpoint
+        if run.accuracy_before is None:
+            run.accuracy_before = evaluate(run.start_step)
+        results["accuracy_before"] = run.accuracy_before
     last_step = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
-    bar = None
+    bar, watch = None, TruncationWatch()
     if rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=last_step - run.start_step, desc=cfg.mode, unit="step", leave=False)
+        # a bar only on a terminal: in a log file its redraws would interleave with the step lines
+        bar = tqdm(total=last_step - run.start_step, desc=cfg.mode, unit="step", leave=False,
+                   disable=not sys.stderr.isatty())
     for step in range(run.start_step, last_step):
         metrics = train_step(run, step)
         log_metrics(metrics)
+        warning = watch.update(metrics["rollout/truncated_frac"])
         if bar is not None:
             if (step + 1) % cfg.log_every == 0:
-                bar.write(format_line(metrics, cfg.steps))
+                bar.write(format_line(metrics, cfg.steps))  # through the bar's writer: one clean line per step
+            if warning:
+                bar.write(warning)
             bar.update(1)
         done = step + 1 == last_step
         if run.eval_rows and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
@@ -736,7 +892,8 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
             checksums = all_gather_checksum(run.student, world)
             if rank == 0:
                 save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler, cfg,
-                                {"bad_steps": run.bad_steps, "metrics": metrics, "param_checksums": checksums})
+                                {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
+                                 "bad_steps": run.bad_steps, "metrics": metrics, "param_checksums": checksums})
             if dist.is_initialized():
                 dist.barrier()
     if bar is not None:

@@ -36,7 +36,10 @@ EXTRACT_CASES = [
     ("The answer is \\boxed{204}.", "204"),
     ("so $x = \\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
     ("\\boxed{\\sqrt{\\frac{a}{b}}}", "\\sqrt{\\frac{a}{b}}"),
-    ("\\boxed{{12}}", "{12}"),  # redundant braces are not an integer: graded wrong rather than guessed
+    ("\\boxed{{197}}", "197"),  # redundant outer braces around the whole answer (issue: read as "{197}")
+    ("\\boxed{{{7}}}", "7"),
+    ("\\boxed{ {42} }", "42"),
+    ("\\boxed{{1}{2}}", "{1}{2}"),  # two groups, not one redundant wrapper: left alone, graded wrong
     # several boxes: the last one wins (the model revised its answer)
     ("First I got \\boxed{12}, but that is wrong. Final: \\boxed{13}", "13"),
     ("\\boxed{1} \\boxed{2} \\boxed{3}", "3"),

@@ -356,3 +356,127 @@ def test_unencodable_prompt_is_a_clear_error():
     """The toy's character tokenizer cannot read AIME text: the error names the prompt instead of a Rust panic."""
     with pytest.raises(ValueError, match=r"prompt 1 \('Find the sum"):
         sample.encode_prompts(build_tokenizer(), ["1+2=?\n", "Find the sum of all integer bases"])
+
+
+# ------------------------------------------------------------------------------- review fixes (regression tests)
+
+def test_samplers_never_draw_a_padding_column(monkeypatch):
+    """Review item 2 / trap 17: config.vocab_size pads past the tokenizer (Qwen3: 151936 columns, 151669 tokens).
+    Here a 30-column head serves the 25-token toy tokenizer, and the 5 padding columns get LARGE logits: every
+    sampler (rollouts, probe continuations, evaluation) must give them probability 0."""
+    from eval_aime import evaluate
+
+    tok = build_tokenizer()
+    model = _llama(0, vocab_size=30, logit_scale=1.0)
+    model.lm_head.register_forward_hook(lambda m, i, out: torch.cat([out[..., :25], out[..., 25:] + 50], -1))
+    prompts = ["1+2=?\n", "30+4=?\n", "5-1=?\n"]
+    unsafe = _rollouts(model, tok, prompts, max_new=8)  # precondition: without the size, padding ids ARE drawn
+    assert int(unsafe.response_ids[unsafe.response_mask.bool()].max()) >= 25
+    ro = _rollouts(model, tok, prompts, max_new=8, vocab_size=len(tok))
+    assert int(ro.response_ids.max()) < 25
+    enc = sample.encode_prefixes(model, [ro.prefix(0, 2), ro.prefix(1, 1)], PAD_ID)
+    conts = sample.sample_continuations(model, enc, 3, 6, sampling=sample.SamplingConfig(vocab_size=len(tok)),
+                                        eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 5))
+    assert int(conts.ids.max()) < 25
+    # evaluation takes the size from the tokenizer itself (its caller passes no vocab_size)
+    drawn, real = [], sample.sample_rollouts
+    monkeypatch.setattr(sample, "sample_rollouts", lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1])
+    evaluate(model, tok, [{"id": "0", "problem": "1+2=?\n", "answer": "3"}], k=4,
+             sampling=sample.SamplingConfig(max_new_tokens=8), instruction=False, chat_template=False,
+             integer_range=None)
+    assert len(drawn) == 1 and int(drawn[0].response_ids.max()) < 25
+    # the probability of a padding column is exactly 0 in the sampling distribution, not just small
+    z = sample.sampling_logits(torch.randn(2, 30), sample.SamplingConfig(vocab_size=25))
+    assert z.shape == (2, 25)
+
+
+def _thinking_tokenizer():
+    """The toy tokenizer plus the markup of a thinking chat model: added <think> / </think> (not flagged special,
+    as in Qwen3) and special <|im_start|> / <|im_end|>, with a Qwen-style chat template that opens a think block."""
+    tok = build_tokenizer()
+    tok.add_tokens(["<think>", "</think>"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|><think>{% endif %}")
+    return tok
+
+
+def test_candidates_never_land_on_special_or_added_tokens():
+    """Review item 5 / trap 21: the highest-loss positions of a thinking model's rollout are often template
+    markers (`</think>`, `<|im_end|>`); every special and added token is excluded, not only EOS."""
+    tok = _thinking_tokenizer()
+    ids = sample.special_token_ids(tok, [EOS_ID])
+    for marker in ("<think>", "</think>", "<|im_start|>", "<|im_end|>", "<eos>", "<pad>", "<bos>"):
+        assert tok.convert_tokens_to_ids(marker) in ids, marker
+    assert tok.convert_tokens_to_ids("7") not in ids and tok.convert_tokens_to_ids(";") not in ids
+    # the template really produces these markers, and candidates skip them even when their loss is the largest
+    prompt, _ = sample.encode_prompts(tok, ["1+2=?"], chat_template=True)
+    assert tok.convert_tokens_to_ids("<think>") in prompt[0]
+    response = tok.convert_tokens_to_ids(["3", "</think>", "3", ";", "<|im_end|>", "<eos>"])
+    response = torch.tensor([response])
+    loss = torch.tensor([[0.5, 9.0, 0.4, 2.0, 8.0, 7.0]])  # markers carry the three largest losses
+    special = torch.isin(response, torch.tensor(ids))
+    cands = topd.select_candidates(loss, torch.ones_like(loss), num_candidates=3, min_gap=1, special=special)
+    assert cands.tolist() == [[3, 0, 2]]
+
+
+def test_stop_token_sets_must_match(saved):
+    """Review item 6 / trap 18: a student that stops on a token the teacher reads as text is refused, naming both
+    sets; allow_stop_mismatch turns the error into a warning."""
+    _, student, tok, teacher, t_tok = saved
+    with pytest.raises(ValueError) as err:
+        teacher_mod.check_compatible(tok, t_tok, student_stop=[EOS_ID], teacher_stop=[EOS_ID, 14])
+    assert "stop tokens differ" in str(err.value) and "'<eos>'" in str(err.value) and "14" in str(err.value)
+    warnings = []
+    assert teacher_mod.check_compatible(tok, t_tok, student_stop=[EOS_ID], teacher_stop=[EOS_ID, 14],
+                                        allow_stop_mismatch=True, warn=warnings.append) == len(tok)
+    assert len(warnings) == 1 and "stop tokens differ" in warnings[0]
+    # the sets come from the tokenizer, the config and the generation config together
+    student.generation_config.eos_token_id = [EOS_ID, 14]
+    try:
+        assert sample.eos_token_ids(student, tok) == [EOS_ID, 14]
+    finally:
+        student.generation_config.eos_token_id = EOS_ID
+
+
+def test_teacher_self_check_passes_on_a_sound_teacher_and_catches_broken_ones(saved):
+    """`teacher.py --self-check` (trap 20): a sound teacher agrees with itself (KL ~0) and with its KV-cached pass;
+    a non-deterministic kernel and a broken cache are caught, each naming what differed."""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, ["12+34=?\n", "5+6=?\n"], max_new=10)
+    ok = teacher_mod.self_check(teacher, ro)
+    assert ok["repeat"] < 1e-6 and ok["cached"] < 1e-4 and ok["tokens"] == int(ro.response_mask.sum())
+
+    noisy = teacher.lm_head.register_forward_hook(lambda m, i, out: out + 0.5 * torch.randn_like(out))
+    try:
+        with pytest.raises(RuntimeError, match="two identical scoring passes"):
+            teacher_mod.self_check(teacher, ro)
+    finally:
+        noisy.remove()
+    # a cache bug: one-token (cached decoding) forwards see slightly different hidden states than full passes
+    broken = teacher.model.norm.register_forward_hook(lambda m, i, out: out * 1.5 if out.shape[1] == 1 else out)
+    try:
+        with pytest.raises(RuntimeError, match="KV-cached"):
+            teacher_mod.self_check(teacher, ro)
+    finally:
+        broken.remove()
+
+
+def test_models_whose_cache_cannot_be_cut_are_refused_by_name():
+    """Review item 8: the probe cuts prefixes out of KV caches. Linear-attention / hybrid layers keep a recurrent
+    state that cannot be cut; they must be refused with the layer type named, not give wrong prefixes silently."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    cfg = Qwen3NextConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, linear_num_value_heads=2,
+                          linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, num_experts=4,
+                          num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=16,
+                          max_position_embeddings=64, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    hybrid = Qwen3NextForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="'linear_attention'"):
+        sample.check_prefix_cache(hybrid)
+    ro = sample.sample_rollouts(hybrid, [[1, 5, 6], [1, 7]], sampling=sample.SamplingConfig(max_new_tokens=4),
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0), keep_cache=True)
+    with pytest.raises(ValueError, match="LinearAttention"):
+        sample.prefixes_from_cache(ro.cache, ro, torch.tensor([0]), torch.tensor([2]))
+    sample.check_prefix_cache(_llama(0))  # attention-only models pass

@@ -89,6 +89,32 @@ def test_per_token_kl_finite_with_minus_inf_teacher_logits():
     assert kl.item() > 100  # the student puts mass where the teacher has none: a huge but finite penalty
 
 
+@pytest.mark.parametrize("side", ["student", "teacher", "both"])
+def test_per_token_kl_gradient_finite_when_column_zero_is_minus_inf(side):
+    """Regression (review item 3): the log-normaliser used to be read off column 0, so a -inf in column 0 of either
+    input gave a finite KL with a NaN gradient (the step was skipped; after --max-bad-steps the run died).
+    Values and gradients must match a float64 reference with the same clamped log-probs."""
+    s_val = torch.tensor([[0.5, 1.0, 2.0, -1.0], [0.0, 0.3, -0.2, 1.5]])
+    t_val = torch.tensor([[0.1, 0.0, 1.5, 0.7], [1.0, -0.4, 0.2, 0.0]])
+    if side in ("student", "both"):
+        s_val[:, 0] = -math.inf
+    if side in ("teacher", "both"):
+        t_val[:, 0] = -math.inf
+    s, t = s_val.clone().requires_grad_(True), t_val.clone().requires_grad_(True)
+    kl = topd.kl_divergence(s, t, chunk_size=1)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
+    s64, t64 = s_val.double().requires_grad_(True), t_val.double().requires_grad_(True)
+    logp = torch.log_softmax(s64, -1).clamp_min(topd.LOGP_FLOOR)
+    logq = torch.log_softmax(t64, -1).clamp_min(topd.LOGP_FLOOR)
+    ref = (logp.exp() * (logp - logq)).sum(-1)
+    ref.sum().backward()
+    assert torch.allclose(kl.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(s.grad.double(), s64.grad, atol=1e-5)
+    # d KL / d b = q - p, exact even where a column is -inf (the clamp above would cut that path of the reference)
+    assert torch.allclose(t.grad.double(), torch.softmax(t64, -1) - torch.softmax(s64, -1), atol=1e-5)
+
+
 def test_per_token_kl_bf16_inputs_computed_in_fp32():
     g = torch.Generator().manual_seed(6)
     s, t = torch.randn(2, 3, 40, generator=g) * 5, torch.randn(2, 3, 40, generator=g) * 5
@@ -167,6 +193,25 @@ def test_full_estimator_surrogate_is_the_kl():
     assert tl.surrogate.requires_grad and not tl.loss.requires_grad
     assert torch.allclose(tl.loss, topd.per_token_kl(s.detach(), t))
     assert tl.entropy.shape == (2, 3)
+
+
+def test_both_estimators_report_the_same_student_entropy():
+    """Regression (review item 7): `entropy` was missing from the metrics with --kl sampled. Both estimators
+    report the student's entropy per position, equal to a float64 reference, with a -inf column included."""
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
+    s[0, 0, 2] = -math.inf  # a masked token: contributes nothing to the entropy
+    ids = torch.randint(0, 6, (2, 3), generator=g)
+    ids[0, 0] = 1
+    full = topd.opd_token_loss(s, ids, estimator="full", teacher_logits=t)
+    sampled = topd.opd_token_loss(s, ids, estimator="sampled", teacher_logprobs=topd.token_logprobs(t, ids))
+    logp = torch.log_softmax(s.double(), -1)
+    ref = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
+    assert sampled.entropy is not None
+    assert torch.allclose(sampled.entropy.double(), ref, atol=1e-5)
+    assert torch.allclose(full.entropy.double(), ref, atol=1e-5)
+    loss, stats = topd.topd_objective("opd", sampled, torch.ones(2, 3), 6.0)
+    assert "entropy" in stats
 
 
 def test_opd_token_loss_errors():
