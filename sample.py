@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from topd import token_logprobs
+from kernels import token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------

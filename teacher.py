@@ -34,7 +34,7 @@ import argparse
 import torch
 
 from sample import (Continuations, EncodedPrefixes, Rollouts, cache_kwarg, model_step, position_ids_from_mask)
-from topd import DEFAULT_CHUNK, token_logprobs
+from kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
 
 
 def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -169,7 +169,7 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
     and 2e-2 for bf16 / fp16 ones (their kernels round differently between a batched and an incremental pass).
     Raises RuntimeError naming the check that failed.
     """
-    from topd import kl_divergence
+
 
     dtype = next(model.parameters()).dtype
     tolerance = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
@@ -206,8 +206,6 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
 def main(argv=None):
     from sample import _tiny_random_model, make_generator, sample_rollouts, SamplingConfig, load_policy, \
         encode_prompts, eos_token_ids, pad_token_id
-    from topd import per_token_kl
-
     parser = argparse.ArgumentParser(description="score student rollouts with a teacher (demo)")
     parser.add_argument("--student", default=None)
     parser.add_argument("--teacher", default=None)
@@ -238,7 +236,8 @@ def main(argv=None):
               f"passes {r['repeat']:.2e}, plain vs KV-cached pass {r['cached']:.2e} (tolerance {r['tolerance']:g})")
         return r
     with torch.no_grad():
-        kl = per_token_kl(response_logits(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
+        # reverse KL per token, KL(student || teacher): what topd.per_token_kl computes, from the kernel itself
+        kl = kl_divergence(response_logits(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
     for b in range(kl.shape[0]):
         n = int(ro.response_mask[b].sum())
         print(f"row {b}: {n} response tokens, reverse KL per token:", [round(x, 3) for x in kl[b, :n].tolist()])

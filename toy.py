@@ -307,8 +307,8 @@ def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: st
 
 
 def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=None):
-    """stop_when for the student: True at the first evaluation (every `every` steps from step `first`) whose
-    greedy accuracy on `rows` is >= target.
+    """stop_when for the student: True at the first evaluation (every `every` steps from step `first`, every 2
+    steps once within 10 points of the target) whose greedy accuracy on `rows` is >= target.
 
     Why a set point and not a fixed step count: a student trained on a few labels climbs its learning curve
     steeply (a few points per 10 steps), and where it is after a FIXED number of steps depends on float rounding,
@@ -319,13 +319,18 @@ def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=N
     selection can only push the starting accuracy up by the noise of one evaluation, i.e. make the gains that
     distillation reports smaller, never larger.
     """
+    near = {"since": None}  # close to the target the curve climbs a few points per 10 steps: check every 2 steps
+
     def stop_when(step: int, model) -> bool:
-        if step < first or step % every:
+        interval = every if near["since"] is None else 2
+        if step < first or (step - (near["since"] or 0)) % interval:
             return False
         acc = accuracy(model, tokenizer, rows)
         model.train()
         if log is not None:
             log(f"student SFT step {step}: held-out accuracy {acc:.1%} (target {target:.0%})")
+        if near["since"] is None and acc >= target - 0.10:
+            near["since"] = step
         return acc >= target
     return stop_when
 

@@ -95,8 +95,14 @@ def test_incompatible_tokenizer_fails_before_training(fast_world, tmp_path):
 def test_torchrun_two_processes_keep_identical_weights(fast_world, tmp_path):
     world, _ = fast_world
     out = tmp_path / "ddp"
-    _run(_args(world, out, "--steps", "2", "--rollout-batch", "8", "--micro-batch", "2", "--mode", "topd",
-               "--detector", "probe", "--probe-samples", "2", "--horizon", "6", "--eval-every", "0"), nproc=2)
+    proc = _run(_args(world, out, "--steps", "2", "--rollout-batch", "8", "--micro-batch", "2", "--mode", "topd",
+                      "--detector", "probe", "--probe-samples", "2", "--horizon", "6", "--eval-every", "0"), nproc=2)
+    # review item 11: with output redirected (as here, and on any cluster) the log holds one clean line per step,
+    # no progress-bar redraws (carriage returns) in either stream
+    step_lines = [l for l in proc.stdout.splitlines() if l.startswith("step ")]
+    assert [l.split(" |")[0] for l in step_lines] == ["step 1/2", "step 2/2"], proc.stdout
+    assert "\r" not in proc.stdout and "\r" not in proc.stderr
+    assert "teacher self-check: KL between two scoring passes" in proc.stdout  # on by default (trap 20)
     meta = json.loads((out / "ckpt-000002" / "meta.json").read_text())
     sums = meta["param_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
@@ -225,3 +231,115 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(fast_world, tmp_path, m
         assert torch.equal(v, before[k]), k
     with pytest.raises(RuntimeError, match="2 non-finite steps in a row"):
         train.train_step(run, 1)
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+
+def _save(out, step, run_id, model, tok, opt, sched, keep=2):
+    cfg = train.TrainConfig(keep_checkpoints=keep)
+    return train.save_checkpoint(out, step, model, tok, opt, sched, cfg, {"run_id": run_id})
+
+
+def test_rotation_never_deletes_the_new_checkpoint_nor_another_runs(fast_world, tmp_path):
+    """Review item 1: rotation sorted every ckpt-* by name and kept the last N, so a new run in a folder holding a
+    higher-numbered checkpoint of an earlier run deleted the checkpoint it had just written (while `latest`
+    pointed at it). Rotation now deletes only this run's checkpoints older than the new one."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    world, _ = fast_world
+    model = AutoModelForCausalLM.from_pretrained(world / "student")
+    tok = AutoTokenizer.from_pretrained(world / "student")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    out = tmp_path / "ck"
+    out.mkdir()
+    _save(out, 300, "earlier-run", model, tok, opt, sched)
+    for step in (1, 2, 3):
+        _save(out, step, "this-run", model, tok, opt, sched)
+        assert (out / f"ckpt-{step:06d}").is_dir() and (out / "latest").read_text() == f"ckpt-{step:06d}"
+        assert train.latest_checkpoint(out).name == f"ckpt-{step:06d}"
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003", "ckpt-000300"]
+
+
+def test_a_new_run_never_mixes_with_another_run_in_the_same_out(fast_world, tmp_path):
+    """Review item 1: a fresh run in an --out that holds a run is refused before any work, naming --resume and
+    --overwrite; --overwrite replaces the old run; --resume with nothing to resume names the folder (item 4)."""
+    world, _ = fast_world
+    out = tmp_path / "shared-out"
+    common = ["--mode", "opd", "--rollout-batch", "4", "--micro-batch", "4", "--eval-every", "0", "--no-self-check"]
+    with pytest.raises(FileNotFoundError, match=str(out)):
+        train.main(_args(world, out, *common, "--steps", "1", "--resume"))
+    train.main(_args(world, out, *common, "--steps", "2"))
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        train.main(_args(world, out, *common, "--steps", "1"))
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing lost, nothing written
+    train.main(_args(world, out, *common, "--steps", "1", "--overwrite"))
+    assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000001"]
+    assert (out / "latest").read_text() == "ckpt-000001" and len(_metrics(out)) == 1
+    # the default --out gives every mode / detector its own folder
+    assert train.parse_config(["--mode", "opd"]).out == "runs/opd"
+    assert train.parse_config(["--mode", "topd", "--detector", "window"]).out == "runs/topd-window"
+
+
+def test_resume_refuses_changed_flags_and_keeps_the_original_starting_accuracy(fast_world, tmp_path):
+    """Review item 4: a resumed run compares its flags with the checkpoint's (a changed --steps or --lr would
+    silently change the schedule) and names every difference; flags that only change logging may differ;
+    accuracy_before is the original run's, not the resumed checkpoint's."""
+    world, _ = fast_world
+    out = tmp_path / "resumed"
+    common = ["--mode", "opd", "--rollout-batch", "8", "--micro-batch", "8", "--eval-every", "0", "--steps", "2",
+              "--lr", "5e-3", "--eval-prompts", str(world / "test.jsonl"), "--eval-limit", "100", "--no-self-check"]
+    first = train.main(_args(world, out, *common, "--stop-at-step", "1"))
+    assert first["accuracy_after"] != first["accuracy_before"]  # the step moved the accuracy: the test can tell
+    with pytest.raises(ValueError) as err:
+        train.main(_args(world, out, *[c if c != "5e-3" else "1e-3" for c in common], "--steps", "3", "--resume"))
+    assert "--lr 0.005 -> 0.001" in str(err.value) and "--steps 2 -> 3" in str(err.value)
+    resumed = train.main(_args(world, out, *common, "--resume", "--eval-every", "5", "--log-every", "2"))
+    assert resumed["accuracy_before"] == first["accuracy_before"]
+    assert [r["step"] for r in _metrics(out)] == [1, 2]
+
+
+def test_cuda_rng_state_is_restored_on_resume(monkeypatch):
+    """Review item 4: the CUDA RNG state was saved but never restored."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
+    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
+    train.restore_rng({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_states})
+    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], cuda_states))
+
+
+def test_truncation_watch_flags_ten_steps_above_half():
+    """Review item 6: a truncated fraction above 50% for 10 steps in a row is flagged (stop-token mismatch)."""
+    watch = train.TruncationWatch()
+    fracs = [0.9] * 9 + [0.2] + [0.6] * 10 + [0.7] * 10
+    flagged = [i for i, f in enumerate(fracs) if watch.update(f)]
+    assert flagged == [19, 29]
+
+
+def test_stop_token_mismatch_fails_before_training(fast_world, tmp_path):
+    """Review item 6: a teacher whose generation_config stops on an extra token is refused before any forward."""
+    import shutil
+    from transformers import GenerationConfig
+
+    world, _ = fast_world
+    other = tmp_path / "instruct-teacher"
+    shutil.copytree(world / "teacher", other)
+    GenerationConfig(eos_token_id=[2, 13], pad_token_id=0).save_pretrained(other)  # 13 is ";" in the toy vocab
+    with pytest.raises(ValueError, match="stop tokens differ"):
+        train.main(_args(world, tmp_path / "out", "--teacher", str(other)))
+    assert not (tmp_path / "out").exists()
+
+
+def test_threshold_rule_is_explicit_and_temperature_warns(tmp_path, capsys):
+    """Review item 7: `--div-threshold < 0` used to mean "relative rule", so a negative absolute threshold (D can
+    be negative with --kl sampled) was impossible. The rule is now a flag of its own; a threshold without the
+    absolute rule is an error; a temperature other than 1 warns that both estimators are then biased."""
+    cfg = train.parse_config(["--div-rule", "absolute", "--div-threshold", "-0.5"])
+    assert cfg.div_rule == "absolute" and cfg.div_threshold == -0.5
+    with pytest.raises(SystemExit):
+        train.parse_config(["--div-threshold", "0.5"])
+    assert "--div-rule absolute" in capsys.readouterr().err
+    with pytest.warns(UserWarning, match="biased"):
+        train.parse_config(["--temperature", "0.7"])

@@ -1,0 +1,226 @@
+"""
+kernels.py -- memory-bounded fp32 log-softmax kernels: token log-probs and the exact full-vocabulary KL.
+
+Every loss of on-policy distillation is built from two quantities over the vocabulary: the log-probability of one
+token, and the KL between two distributions. Done naively (`log_softmax(logits.float())`) both create fp32 copies
+of a (positions, V) tensor and keep them for backward: at Qwen's 151,936-column vocabulary and 8k-token rollouts
+that is 5 GB per copy. The two custom autograd functions here process positions in chunks, upcast only the current
+chunk to fp32 (spec "Notation": every log-prob from fp32 logits, whatever the model's dtype) and recompute what
+backward needs from a few numbers saved per position, so the extra memory is O(chunk x V).
+
+This is the ground floor of the repository: sample.py, teacher.py and topd.py import it, it imports nothing of
+theirs. It knows nothing about TOPD; topd.py is where the method lives.
+
+    python -c "import torch, kernels; print(kernels.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)))"
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Default number of positions processed at once by the chunked log-softmax kernels below. Peak extra memory is
+# about 4 fp32 tensors of (CHUNK, V): 1024 x 152k x 4 B x 4 = 2.5 GB for Qwen's vocabulary, 0.5 GB for V=32k.
+DEFAULT_CHUNK = 1024
+
+# Log-probabilities are clamped from below before they multiply anything. A teacher that assigns exactly zero
+# probability to a token the student likes (a -inf logit, e.g. a masked special token) would otherwise produce
+# inf * 0 = NaN in the loss and the gradient (OPD trap 7). -1e4 nats is "impossible" for every practical purpose.
+LOGP_FLOOR = -1e4
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Chunked fp32 log-softmax kernels (spec "Notation": all log-probs from fp32 logits, whatever the model dtype)
+# ----------------------------------------------------------------------------------------------------------------
+
+def _shared_vocab(*logits: torch.Tensor, vocab_size: int | None) -> int:
+    """Number of vocabulary columns the tensors really share.
+
+    Models of one family often pad `config.vocab_size` past the tokenizer (Qwen2.5: 151936 vs 152064 columns),
+    so the two logit tensors can differ in width. The extra columns are never-sampled padding rows; we slice every
+    tensor to `vocab_size` (the tokenizer's size) when given, else to the narrowest tensor (OPD trap 10).
+    """
+    width = min(x.shape[-1] for x in logits)
+    if vocab_size is not None:
+        if vocab_size > width:
+            raise ValueError(f"vocab_size={vocab_size} exceeds the logits' last dimension ({width})")
+        width = vocab_size
+    return width
+
+
+def _position_chunks(num_positions: int, chunk_size: int):
+    """Yield slices covering range(num_positions) in pieces of at most chunk_size."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, num_positions, chunk_size):
+        yield slice(start, min(start + chunk_size, num_positions))
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """KL(p || q) per position, p = softmax(a), q = softmax(b), exact over the full vocabulary.
+
+    Forward and backward both loop over chunks of positions and upcast only the current chunk to fp32, so peak
+    extra memory is O(chunk x V) instead of O(positions x V). The backward recomputes the softmaxes from the saved
+    log-normalisers instead of saving them (the trick of fused cross-entropy kernels): autograd through a plain
+    chunked loop would keep every chunk's fp32 log-softmax alive until backward, i.e. O(positions x V) again.
+    Every full-width operation below is one memory pass; the code counts them because on both CPU and GPU this
+    kernel is bandwidth-bound, and it has to be as fast as the naive version it replaces (bench.py measures it).
+
+    Gradients, for one position with kl = sum_v p_v (log p_v - log q_v):
+        d kl / d a_v = p_v * (log p_v - log q_v - kl)          (through p; the student in reverse KL)
+        d kl / d b_v = q_v - p_v                                (through q)
+    and log p_v - log q_v = (a_v - b_v) - (lse_a - lse_b), so the backward needs only a - b and per-row scalars.
+
+    Rows with -inf logits (a masked token) would give 0 * inf = NaN; they are detected from a non-finite result and
+    recomputed with log-probs clamped at LOGP_FLOOR (_kl_rows_clamped), which costs nothing when there are none.
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, chunk_size):
+        # a, b: (M, V) logits of any float dtype, already sliced to the shared vocabulary
+        M = a.shape[0]
+        kl = torch.empty(M, dtype=torch.float32, device=a.device)  # (M,)
+        entropy = torch.empty_like(kl)  # (M,) entropy of p: a free by-product, logged as a diagnostic
+        lse_a, lse_b = torch.empty_like(kl), torch.empty_like(kl)  # (M,) log-normalisers, kept for backward
+        clamped = torch.zeros(M, dtype=torch.bool, device=a.device)  # rows that needed the -inf-safe path
+        for rows in _position_chunks(M, chunk_size):
+            # (c, V) fp32 log-probs; dtype= upcasts inside the fused kernel, no separate conversion pass
+            logp = torch.log_softmax(a[rows], -1, dtype=torch.float32)
+            logq = torch.log_softmax(b[rows], -1, dtype=torch.float32)
+            lse_a[rows] = _log_normaliser(a[rows], logp)
+            lse_b[rows] = _log_normaliser(b[rows], logq)
+            p = logp.exp()
+            p_logp = torch.linalg.vecdot(p, logp)  # sum_v p log p, multiply and sum in one pass
+            kl[rows] = p_logp - torch.linalg.vecdot(p, logq)
+            entropy[rows] = -p_logp
+            bad = ~torch.isfinite(kl[rows])  # (c,) only rows with -inf logits
+            if bad.any():
+                idx = bad.nonzero().squeeze(-1)
+                kl[rows][idx], entropy[rows][idx] = _kl_rows_clamped(a[rows][idx].float(), b[rows][idx].float())
+                clamped[rows] |= bad
+        ctx.save_for_backward(a, b, kl, lse_a, lse_b, clamped)  # the inputs (no copy) + 4 numbers per position
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return kl, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_entropy):
+        a, b, kl, lse_a, lse_b, clamped = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_a = torch.empty_like(a) if need_a else None  # (M, V) in the logits' own dtype
+        grad_b = torch.empty_like(b) if need_b else None
+        for rows in _position_chunks(a.shape[0], ctx.chunk_size):
+            g = grad_kl[rows].float().unsqueeze(-1)  # (c, 1) upstream gradient per position
+            if clamped[rows].any():  # the rare -inf path: clamped log-probs, as in the forward
+                logp = (a[rows].float() - lse_a[rows, None]).clamp_min_(LOGP_FLOOR)
+                logq = (b[rows].float() - lse_b[rows, None]).clamp_min_(LOGP_FLOOR)
+                p = logp.exp()
+                if need_a:
+                    grad_a[rows] = (g * p * (logp - logq - kl[rows, None])).to(a.dtype)
+                if need_b:
+                    grad_b[rows] = (g * (logq.exp() - p)).to(b.dtype)
+                continue
+            # mixed-dtype arithmetic (bf16 - fp32) computes in fp32 in one pass, without a conversion pass first
+            p = (a[rows] - lse_a[rows, None]).exp_()  # (c, V) fp32 softmax, 2 passes
+            if need_a:
+                d = a[rows].float() - b[rows]  # log p - log q up to a per-row constant
+                d.sub_((lse_a[rows] - lse_b[rows] + kl[rows]).unsqueeze(-1))  # in place
+                d.mul_(p)
+                torch.mul(d, g, out=grad_a[rows])  # the last multiply writes straight into the gradient's dtype
+            if need_b:
+                q = (b[rows] - lse_b[rows, None]).exp_()
+                torch.mul(q.sub_(p), g, out=grad_b[rows])
+        return grad_a, grad_b, None
+
+
+def _log_normaliser(z: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """log sum_v exp(z_v) per row, read off a row's finite maximum: lse = z_max - log p(z_max).
+
+    The maximum of a row is finite unless every logit is -inf, so this stays correct when some columns are -inf
+    (a masked token). Reading it off column 0 instead gives -inf - (-inf) = NaN whenever column 0 is masked: a
+    finite loss with a NaN gradient. One read pass (the max), no second exp pass as logsumexp would need.
+    z (c, V) any float dtype, logp (c, V) fp32 = log_softmax(z). Returns (c,) fp32.
+    """
+    z_max, where = z.max(dim=-1, keepdim=True)  # (c, 1)
+    return (z_max.float() - logp.gather(-1, where)).squeeze(-1)
+
+
+def _kl_rows_clamped(za: torch.Tensor, zb: torch.Tensor):
+    """KL and entropy of a few rows with -inf logits: log-probs clamped at LOGP_FLOOR so 0 * inf never happens."""
+    logp = torch.log_softmax(za, -1).clamp_min(LOGP_FLOOR)
+    logq = torch.log_softmax(zb, -1).clamp_min(LOGP_FLOOR)
+    p = logp.exp()
+    return (p * (logp - logq)).sum(-1), -(p * logp).sum(-1)
+
+
+class _ChunkedTokenLogprob(torch.autograd.Function):
+    """log softmax(logits)[id] per position, chunked the same way: gather the logit, subtract the logsumexp.
+
+    Backward: d logp(y) / d z_v = 1[v == y] - softmax(z)_v, recomputed chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, chunk_size, with_entropy):
+        # logits: (M, V), ids: (M,) long
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (M,)
+        entropy = torch.full_like(out, math.nan)  # (M,) filled only when asked for (two extra passes per chunk)
+        for rows in _position_chunks(logits.shape[0], chunk_size):
+            z = logits[rows].float()  # (c, V)
+            lse = torch.logsumexp(z, dim=-1)  # (c,)
+            out[rows] = z.gather(-1, ids[rows, None]).squeeze(-1) - lse
+            if with_entropy:  # H = lse - sum_v softmax(z)_v z_v  (a masked -inf column contributes 0)
+                p = torch.softmax(z, dim=-1)
+                entropy[rows] = lse - torch.linalg.vecdot(p, z.clamp_min(LOGP_FLOOR))
+        ctx.save_for_backward(logits, ids)
+        ctx.chunk_size = chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_entropy):
+        logits, ids = ctx.saved_tensors
+        grad = torch.empty_like(logits)  # (M, V)
+        for rows in _position_chunks(logits.shape[0], ctx.chunk_size):
+            g = grad_out[rows].float().unsqueeze(-1)  # (c, 1)
+            minus_softmax = -torch.softmax(logits[rows].float(), dim=-1)  # (c, V)
+            minus_softmax.scatter_add_(-1, ids[rows, None], torch.ones_like(g))  # + one-hot(y)
+            grad[rows] = (g * minus_softmax).to(logits.dtype)
+        return grad, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int | None = None,
+                   chunk_size: int = DEFAULT_CHUNK, return_entropy: bool = False):
+    """log pi(ids[..., t] | s_t) in fp32, differentiable, O(chunk x V) extra memory (and, with return_entropy,
+    the distribution's entropy per position, detached: the `entropy` diagnostic of the `sampled` estimator).
+
+    logits: (..., V) -- ALREADY ALIGNED with ids: logits[..., t, :] is the distribution that produced ids[..., t].
+    For a causal LM over a sequence x this means logits[:, :-1] against x[:, 1:] (OPD trap 1); the callers in
+    sample.py / teacher.py do that shift once, with a worked example, so nothing here shifts anything.
+    Returns (...) fp32.
+
+    Example: logits = [[0, 0, log 2]] (softmax = [.25, .25, .5]), ids = [2]  ->  log 0.5 = -0.693.
+    """
+    width = _shared_vocab(logits, vocab_size=vocab_size)
+    if ids.numel() and int(ids.max()) >= width:
+        raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of size {width}")
+    flat = logits[..., :width].reshape(-1, width)  # (M, V); a view when no slicing is needed
+    out, entropy = _ChunkedTokenLogprob.apply(flat, ids.reshape(-1), chunk_size, return_entropy)  # (M,), (M,)
+    return (out.view(ids.shape), entropy.view(ids.shape)) if return_entropy else out.view(ids.shape)
+
+
+def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, *, vocab_size: int | None = None,
+                  chunk_size: int = DEFAULT_CHUNK, return_entropy: bool = False):
+    """Exact KL(softmax(p_logits) || softmax(q_logits)) per position, fp32, gradients to both inputs.
+
+    p_logits, q_logits: (..., V) and (..., V'), the same leading shape; the vocab is sliced to the shared size.
+    Returns (...) fp32 (and the entropy of p, detached, when return_entropy).
+    """
+    if p_logits.shape[:-1] != q_logits.shape[:-1]:
+        raise ValueError(f"logit shapes differ before the vocab dim: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
+    width = _shared_vocab(p_logits, q_logits, vocab_size=vocab_size)
+    lead = p_logits.shape[:-1]
+    a = p_logits[..., :width].reshape(-1, width)  # (M, V)
+    b = q_logits[..., :width].reshape(-1, width)
+    kl, entropy = _ChunkedKL.apply(a, b, chunk_size)
+    return (kl.view(lead), entropy.view(lead)) if return_entropy else kl.view(lead)
