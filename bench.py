@@ -26,8 +26,8 @@ How it measures:
     Section 2: "before" = once the inputs exist, so the student's gradient (one (B, T, V) tensor in the logits'
     dtype, the op's own output) is inside both peaks. Section 5: "before" = models loaded; the peak is that of
     the first optimizer step (AdamW state included), its time the median of the following steps.
-  * Section 3 uses train.py's defaults (64 rollouts, micro-batch 32, EOS-terminated, <= 48 tokens), every variant
-    at the same step index, hence the same prompts and seeds; at two horizons: the toy's (train.TOY_DEFAULTS)
+  * Section 3 uses the toy's training defaults (64 rollouts, micro-batch 32, EOS-terminated, <= 48 tokens), every variant
+    at the same step index, hence the same prompts and seeds; at two horizons: the toy's (toy.TRAIN_DEFAULTS)
     and the spec's 32.
   * Threads. torch.set_num_threads(--threads) in this process and every child: the thread count moves CPU timings
     by more than most effects measured here, so it is printed and saved.
@@ -35,7 +35,7 @@ How it measures:
     dtypes on both).
   * Same work. Section 1 makes both samplers produce exactly L tokens (ours: eos_ids=[-1], i.e. "never stop";
     generate: min_new_tokens=L, which only masks EOS). Sections 4 and 5 sample exactly L tokens per rollout
-    (--ignore-eos, TRL: min_new_tokens), so every variant trains on the same number of tokens.
+    (make_run(ignore_eos=True), TRL: min_new_tokens), so every variant trains on the same number of tokens.
 
 The toy world (toy.py) is used as found: --world, default runs/toy (runs/toy-fast with --quick), built only if it
 does not exist. Its models accept 128 positions; section 5 copies them with a larger max_position_embeddings (RoPE
@@ -75,6 +75,7 @@ import torch
 import sample
 import teacher as teacher_lib
 import topd
+import toy
 import train
 
 ROOT = Path(__file__).resolve().parent
@@ -98,7 +99,7 @@ class BenchConfig:
 FULL = {
     1: dict(batch=8, prompt_len=(8, 48), new_tokens=128, vocab=32000, hidden=256, layers=4, repeats=5),
     2: dict(shape=(4, 2048, 32000), repeats=3),            # 3 fresh processes per (variant, dtype)
-    3: dict(extra=[], repeats=3),                          # train.py's defaults: 64 rollouts, micro-batch 32
+    3: dict(extra=[], repeats=3),                          # the toy's defaults: 64 rollouts, micro-batch 32
     4: dict(batch=32, new_tokens=48, repeats=3),
     5: dict(lengths=(64, 128, 256, 512), batch=16, repeats=2, horizon=0),  # horizon 0 = the spec's default (32)
 }
@@ -336,7 +337,6 @@ def model_dtype(device: torch.device) -> torch.dtype:
 def prepare_world(cfg: BenchConfig) -> Path:
     """The toy world to benchmark on, used as found: only speed and memory are measured, so a world built with an
     older ToyConfig serves as well as a fresh one (toy.build would rebuild it: minutes of CPU for nothing)."""
-    import toy
 
     world = Path(cfg.world or ("runs/toy-fast" if cfg.quick else "runs/toy"))
     if not (world / "build.json").exists():
@@ -345,14 +345,21 @@ def prepare_world(cfg: BenchConfig) -> Path:
     return world
 
 
-def make_run(world: Path, mode: str, detector: str, horizon: int, device: torch.device, extra=(), seed=0):
-    """A train.Run on the toy world, exactly as `python train.py --student ... --mode M --detector D` builds it.
-    A fresh TrainConfig every time: train.setup writes resolved paths into the config it is given."""
+def make_run(world: Path, mode: str, detector: str, horizon: int, device: torch.device, extra=(), seed=0,
+             ignore_eos: bool = False):
+    """A train.Run on the toy world, as `python train.py --student ... --mode M --detector D` builds it with the
+    toy's training defaults (toy.TRAIN_DEFAULTS). A fresh TrainConfig every time: train.setup writes resolved paths
+    into the config it is given. ignore_eos: rollouts always run to --max-new-tokens (every variant then trains on
+    the same number of tokens); a benchmark-only setting, so it is set on the Run, not a flag of train.py."""
+    toy_flags = [x for k, v in toy.TRAIN_DEFAULTS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     argv = ["--student", str(world / "student"), "--teacher", str(world / "teacher"),
-            "--prompts", str(world / "train.jsonl"), "--mode", mode, "--detector", detector,
-            "--horizon", str(horizon), "--seed", str(seed), "--device", device.type,
-            "--out", str(Path(tempfile.gettempdir()) / "bench-unused"), *map(str, extra)]
-    return train.setup(train.parse_config(argv), device.type, log=lambda *a: None)
+            "--prompts", str(world / "train.jsonl"), *toy_flags, "--mode", mode, "--detector", detector,
+            "--horizon", str(horizon), "--seed", str(seed), "--device", device.type, "--no-self-check",
+            "--out", tempfile.mkdtemp(prefix="bench-unused-"), *map(str, extra)]
+    run = train.setup(train.parse_config(argv), device.type, log=lambda *a: None)
+    if ignore_eos:
+        run.eos_ids = [-1]  # no token ends a rollout; candidates still skip the real EOS (run.special_ids)
+    return run
 
 
 def long_context_world(world: Path, max_positions: int, into: Path) -> Path:
@@ -498,7 +505,7 @@ def variant_name(mode: str, detector: str) -> str:
 
 def section_step(cfg, size, device, world, threads):
     rows, details = [], {}
-    horizons = {"toy default": train.TOY_DEFAULTS["horizon"], "spec default": train.TrainConfig().horizon}
+    horizons = {"toy default": toy.TRAIN_DEFAULTS["horizon"], "spec default": train.TrainConfig().horizon}
     for label, H in horizons.items():
         runs = {variant_name(m, d): make_run(world, m, d, H, device, size["extra"], cfg.seed) for m, d in STEP_VARIANTS}
         torch.set_num_threads(threads)
@@ -544,8 +551,8 @@ def section_trl(cfg, size, device, world, threads):
     # trl.experimental). It always samples from the student (GKD's lmbda = 1) and beta = 1 selects the reverse KL,
     # the OPD objective; its loss is chunked over the LM head, so it is a strong peer.
     n_steps = cfg.warmup + size["repeats"]
-    extra = ["--rollout-batch", B, "--micro-batch", B, "--max-new-tokens", L, "--ignore-eos"]
-    run = make_run(world, "opd", "window", train.TOY_DEFAULTS["horizon"], device, extra, cfg.seed)
+    extra = ["--rollout-batch", B, "--micro-batch", B, "--max-new-tokens", L]
+    run = make_run(world, "opd", "window", toy.TRAIN_DEFAULTS["horizon"], device, extra, cfg.seed, ignore_eos=True)
     student, tokenizer = sample.load_policy(str(world / "student"), device)  # TRL trains its own copy
     teacher, _ = teacher_lib.load_teacher(str(world / "teacher"), device, model_dtype(device))
     prompts = [row["problem"] for row in run.prompts][:B * n_steps]  # the same prompt text ours encodes
@@ -554,7 +561,7 @@ def section_trl(cfg, size, device, world, threads):
         gradient_accumulation_steps=1, max_steps=n_steps, learning_rate=run.cfg.lr, lr_scheduler_type="constant",
         adam_beta1=run.cfg.adam_beta1, adam_beta2=run.cfg.adam_beta2, weight_decay=run.cfg.weight_decay,
         max_grad_norm=run.cfg.grad_clip, beta=1.0, temperature=1.0, top_k=0, top_p=1.0, max_completion_length=L,
-        generation_kwargs={"min_new_tokens": L},  # exactly L tokens, like our --ignore-eos
+        generation_kwargs={"min_new_tokens": L},  # exactly L tokens, like our ignore_eos
         # TRL defaults to activation (gradient) checkpointing, which recomputes the forward; ours does not
         activation_checkpointing=False, gradient_checkpointing=False,
         bf16=device.type == "cuda", use_cpu=device.type == "cpu", report_to="none", save_strategy="no",
@@ -616,7 +623,7 @@ SCALE_VARIANTS = [("opd", "probe"), ("topd", "window"), ("topd", "probe")]
 def child_step(job, device):
     """In a fresh process: build the Run, measure the first step's time and peak memory, then time `steps` more."""
     run = make_run(Path(job["world"]), job["mode"], job["detector"], job["horizon"], device, job["extra"],
-                   job["seed"])
+                   job["seed"], ignore_eos=True)
     _, first, peak, method = measure(lambda: train.train_step(run, 0), device)
     seconds = [timed(lambda: train.train_step(run, k), device)[1] for k in range(1, 1 + job["steps"])]
     scale = 1 if sys.platform == "darwin" else 1024
@@ -632,7 +639,7 @@ def section_scaling(cfg, size, device, world, threads):
     try:
         long_world = long_context_world(world, 64 + max(lengths) + H, tmp)  # prompt + response + probe horizon
         for L in lengths:
-            extra = ["--rollout-batch", B, "--micro-batch", B, "--max-new-tokens", L, "--ignore-eos"]
+            extra = ["--rollout-batch", B, "--micro-batch", B, "--max-new-tokens", L]
             res = {}
             for m, d in SCALE_VARIANTS:  # one fresh process per (variant, length), variants in turn
                 job = {"kind": "step", "world": str(long_world), "mode": m, "detector": d, "horizon": H,

@@ -41,11 +41,11 @@ def run_one(world: Path, out: Path, mode: str, detector: str, seed: int, args) -
     """One train.py run in its own folder (skipped when its results.json exists). Returns its summary."""
     done = out / "results.json"
     if not done.exists():
-        cmd = [sys.executable, str(ROOT / "train.py"), "--student", str(world / "student"),
-               "--teacher", str(world / "teacher"), "--prompts", str(world / "train.jsonl"),
-               "--eval-prompts", str(world / "test.jsonl"), "--mode", mode, "--seed", str(seed),
+        # --toy-dir: train.py's toy-world job on this world, with the toy's training defaults (toy.TRAIN_DEFAULTS)
+        cmd = [sys.executable, str(ROOT / "train.py"), "--toy-dir", str(world), "--mode", mode, "--seed", str(seed),
                "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--out", str(out),
-               "--rollout-batch", str(args.rollout_batch), "--horizon", str(args.horizon), *args.train_args]
+               "--rollout-batch", str(args.rollout_batch), "--horizon", str(args.horizon), "--overwrite",
+               *args.train_args]  # --overwrite: an unfinished run (no results.json) starts again from scratch
         if detector != "-":
             cmd += ["--detector", detector]
         t0 = time.time()
@@ -104,7 +104,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--rollout-batch", type=int, default=64)
-    p.add_argument("--horizon", type=int, default=8, help="the toy world's horizon (train.TOY_DEFAULTS)")
+    p.add_argument("--horizon", type=int, default=8, help="the toy world's horizon (toy.TRAIN_DEFAULTS)")
     p.add_argument("--report-prompts", type=int, default=200, help="rollouts for the detector report")
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")

@@ -1,5 +1,5 @@
 """
-topd.py -- the whole TOPD objective as pure tensor functions.
+topd.py -- the whole TOPD method: divergence detection and the future-distributed loss.
 
 TOPD (Trajectory-aware On-Policy Distillation; Jiang & Ferraro, arXiv:2606.00305) starts from plain on-policy
 distillation (OPD): the student samples its own answer, the teacher scores every sampled token, and the student
@@ -12,26 +12,28 @@ need guidance over several future tokens, not one. TOPD therefore
   3. suppresses the non-divergent ones in the OPD loss, and
   4. at divergent states teaches the teacher's own continuation over a short window (future-distributed guidance).
 
-This file has no model code: every function takes tensors and returns tensors, so a reader can check each one
-against the spec (`TOPD_SPEC.md`, section numbers below) and a researcher can lift it into their own trainer.
-Model calls (sampling, teacher scoring, the probe) live in sample.py / teacher.py; train.py glues them together.
+The file reads top-down as the method. Sections 1-5 and "the three modes" are pure tensor functions (tensors in,
+tensors out: the part to check against docs/method.md and to lift into another trainer); "the model side" after
+them asks the models for what the detectors need (continuations, their log-probs, the guidance windows) through
+sample.py and teacher.py; the memory-bounded fp32 kernels live in kernels.py.
 
-Map of this file to the spec                                        | where it comes from
---------------------------------------------------------------------+---------------------------------------------
-token_logprobs, per_token_kl, kl_divergence   fp32 log-softmax, KL  | spec "Notation"; OPD traps 1, 7, 10
-opd_token_loss  (`full` / `sampled`)          sec. 1, l_t           | paper ("local reverse-KL correction")
-select_candidates                             sec. 2, H             | paper + author code (3 candidates, gap 8)
-window_divergence                             sec. 3, `window`      | OURS (no extra generation)
-continuation_margin, margin_w1                sec. 3, `probe`       | author code (probe + sorted-margin 1-D OT)
-divergent_mask                                sec. 3, threshold     | author code (mean + alpha * std)
-suppression_weights, opd_loss                 sec. 4 + L_OPD        | paper ("suppressing non-divergent ...")
-guide_weights, guide_loss                     sec. 5, L_guide       | OURS: direction (forward KL on the teacher's
-                                                                    |   branch), decay gamma, normalisation
-topd_objective                                the three modes       | paper's three table rows
-reduce_stats                                  diagnostics           | spec "Diagnostics"
+Map of this file to the method (docs/method.md, same section numbers)  | where it comes from
+-----------------------------------------------------------------------+------------------------------------------
+TOPDConfig                                every knob, spec defaults    | docs/method.md "Knobs"
+per_token_kl, opd_token_loss              sec. 1, l_t (full / sampled)  | paper ("local reverse-KL correction")
+select_candidates                         sec. 2, H                     | paper + author code (3 candidates, gap 8)
+window_divergence                         sec. 3, `window` detector     | OURS (no extra generation)
+continuation_margin, margin_w1            sec. 3, `probe` detector      | author code (probe + sorted-margin 1-D OT)
+divergent_mask                            sec. 3, threshold rule        | author code (mean + alpha * std) / OURS (abs.)
+suppression_weights, opd_loss             sec. 4 + L_OPD                | paper ("suppressing non-divergent ...")
+guide_weights, guide_loss                 sec. 5, L_guide               | OURS: direction (forward KL on the teacher's
+                                                                        |   branch), decay gamma, normalisation
+opd_objective, guide_objective,           the three modes: L_OPD(w) and | paper's three table rows
+  topd_objective, reduce_stats              lambda L_guide, diagnostics |
+detect, probe_divergence, teacher_windows the model side of sec. 3 + 5  | author code (probe) / OURS (cost rule)
+guidance_kl                               the student on the windows    | OURS
 
 Reconstructed parts (the paper's text is not public beyond its abstract) are marked OURS here and in the README.
-
 Shapes use one notation throughout: B rollouts, T response positions, V vocabulary, C candidates per rollout,
 N probed states, K continuations per state, H horizon (tokens per continuation).
 
@@ -41,10 +43,39 @@ Run `python topd.py` for a worked example on hand-made tensors (CPU, about a sec
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+import sample
+import teacher as teacher_lib
 from kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
+
+MODES = ("opd", "opd_suppress", "topd")
+
+
+@dataclass
+class TOPDConfig:
+    """Every knob of the method, with the spec's defaults (docs/method.md). train.TrainConfig extends it, so each
+    field is also a --kebab-case flag of train.py."""
+    mode: str = "topd"             # opd | opd_suppress | topd: the paper's three rows (see "the three modes")
+    kl: str = "full"               # l_t: full (exact reverse KL) | sampled (one-sample REINFORCE estimate)
+    num_candidates: int = 4        # high-loss candidates per rollout (sec. 2)
+    min_gap: int = 8               # minimum distance between candidates, in tokens
+    detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
+    probe_samples: int = 4         # K continuations per model per candidate; K guidance windows per divergent state
+    horizon: int = 32              # H tokens per continuation / window
+    div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
+    div_alpha: float = 0.5         # alpha of the relative rule
+    div_threshold: float = 1.0     # tau of the absolute rule, in D's units (nats/token); may be negative (--kl sampled)
+    suppress_weight: float = 0.0   # weight of non-divergent candidates in L_OPD (sec. 4)
+    guide_weight: float = 1.0      # lambda (sec. 5)
+    guide_decay: float = 1.0       # gamma over the window (1 = uniform)
+
+    @property
+    def threshold(self) -> float | None:
+        """The absolute tau, or None for the relative rule (divergent_mask's convention)."""
+        return self.div_threshold if self.div_rule == "absolute" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,7 +257,7 @@ def divergent_mask(scores: torch.Tensor, valid: torch.Tensor, *, alpha: float = 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sec. 4 and 5: the two loss terms, and the three modes
+# Sec. 4 and 5: the two loss terms
 # ----------------------------------------------------------------------------------------------------------------
 
 def suppression_weights(mask: torch.Tensor, candidates: torch.Tensor, divergent: torch.Tensor,
@@ -280,7 +311,69 @@ def guide_loss(window_kl: torch.Tensor, mask: torch.Tensor, decay: float,
     return (window_kl * guide_weights(mask, decay)).sum() / total_weight
 
 
-MODES = ("opd", "opd_suppress", "topd")
+# ----------------------------------------------------------------------------------------------------------------
+# The three modes: L_TOPD = L_OPD(w) + lambda * L_guide, and the diagnostics
+# ----------------------------------------------------------------------------------------------------------------
+
+# Statistics are (numerator, denominator) pairs, summed over micro-batches and ranks before dividing (reduce_stats).
+# These few are counts per optimizer step instead of ratios: reduce_stats reports their summed numerator.
+COUNTS = ("guide/tokens",)
+
+
+def opd_objective(mode: str, token_loss: TokenLoss, mask: torch.Tensor, num_tokens, *,
+                  candidates: torch.Tensor | None = None, scores: torch.Tensor | None = None,
+                  divergent: torch.Tensor | None = None, suppress_weight: float = 0.0):
+    """L_OPD(w) of one micro-batch, for the paper's three rows (spec "Modes"); train.py's phase A.
+
+      mode          | weights w
+      opd           | 1 everywhere
+      opd_suppress  | suppress_weight at non-divergent candidates, 1 elsewhere
+      topd          | as opd_suppress (its guidance term is guide_objective)
+
+    token_loss from opd_token_loss; candidates, scores (D) and divergent from detect (or select_candidates / a
+    detector / divergent_mask); num_tokens is the step's global normaliser N.
+    Returns (loss, stats): stats maps a name to (numerator, denominator) float tensors, nothing in it carries grad.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
+    m = mask.float()
+    stats = {"opd/teacher_kl": ((token_loss.loss * m).sum(), m.sum())}
+    if token_loss.entropy is not None:
+        stats["entropy"] = ((token_loss.entropy * m).sum(), m.sum())
+    weights = None
+    if mode != "opd":
+        if candidates is None or scores is None or divergent is None:
+            raise ValueError(f"mode {mode!r} needs candidates, scores and divergent")
+        weights = suppression_weights(mask, candidates, divergent, suppress_weight)
+        valid = candidates >= 0
+        nondiv = valid & ~divergent
+        stats["topd/candidates"] = (valid.sum().float(), torch.tensor(float(mask.shape[0])))  # per rollout
+        stats["topd/nondiv_frac"] = (nondiv.sum().float(), valid.sum().float())  # the paper's "~30%", live
+        stats["topd/D_div_mean"] = ((scores * divergent).sum(), divergent.sum().float())
+        stats["topd/D_nondiv_mean"] = ((scores * nondiv).sum(), nondiv.sum().float())
+    loss = opd_loss(token_loss.surrogate, mask, weights, num_tokens)
+    trained = m if weights is None else m * weights
+    stats["opd/loss"] = ((token_loss.loss * trained).sum(), m.sum())  # the weighted KL actually trained on
+    return loss, _detached(stats)
+
+
+def guide_objective(window_kl: torch.Tensor, window_mask: torch.Tensor, guide_total, *, guide_weight: float = 1.0,
+                    guide_decay: float = 1.0):
+    """lambda * L_guide over one batch of guidance windows (sec. 5); train.py's phase B.
+
+    window_kl (N, K, H) with grad (guidance_kl), window_mask (N, K, H), guide_total the step's global normaliser
+    (sum of guide_weights over all windows of all micro-batches and ranks). Returns (loss, stats).
+    """
+    w = guide_weights(window_mask, guide_decay)
+    loss = guide_weight * guide_loss(window_kl, window_mask, guide_decay, guide_total)
+    return loss, _detached({"guide/loss": ((window_kl.detach() * w).sum(), w.sum()),
+                            "guide/tokens": (window_mask.float().sum(), torch.tensor(1.0))})
+
+
+def no_guidance_stats() -> dict:
+    """The guidance statistics of a micro-batch (or rank) with no divergent state: keys stay the same everywhere."""
+    return _detached({"guide/loss": (torch.tensor(0.0), torch.tensor(0.0)),
+                      "guide/tokens": (torch.tensor(0.0), torch.tensor(1.0))})
 
 
 def topd_objective(mode: str, token_loss: TokenLoss, mask: torch.Tensor, num_tokens, *,
@@ -288,79 +381,195 @@ def topd_objective(mode: str, token_loss: TokenLoss, mask: torch.Tensor, num_tok
                    divergent: torch.Tensor | None = None, suppress_weight: float = 0.0,
                    window_kl: torch.Tensor | None = None, window_mask: torch.Tensor | None = None,
                    guide_total=None, guide_weight: float = 1.0, guide_decay: float = 1.0):
-    """L_TOPD = L_OPD(w) + lambda * L_guide for the paper's three rows (spec "Modes").
+    """L_TOPD = L_OPD(w) + lambda * L_guide as one expression: opd_objective + guide_objective (topd mode only).
 
-      mode          | weights w                                  | guidance
-      opd           | 1 everywhere                               | none
-      opd_suppress  | suppress_weight at non-divergent candidates | none
-      topd          | as opd_suppress                            | lambda * guide_loss over the divergent windows
-
-    Parts are computed elsewhere (the model calls live in train.py): token_loss from opd_token_loss; candidates,
-    scores (D) and divergent from select_candidates / a detector / divergent_mask; window_kl + window_mask for the
-    teacher windows of the divergent states (topd only). num_tokens and guide_total are the global normalisers.
-
-    Returns (loss, stats). stats maps a name to (numerator, denominator) float tensors so that micro-batches and
-    ranks can be summed before dividing (see reduce_stats); nothing in it carries grad.
+    train.py back-propagates the two terms separately (phase A per micro-batch, phase B over the windows of the
+    whole step); since L_TOPD is a sum, that is exactly this function's gradient, through the same two functions.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
-    m = mask.float()
-    zero, one = m.new_zeros(()), m.new_ones(())
-    weights = None
-    stats = {"opd/teacher_kl": ((token_loss.loss * m).sum(), m.sum())}
-    if token_loss.entropy is not None:
-        stats["entropy"] = ((token_loss.entropy * m).sum(), m.sum())
-
-    if mode != "opd":
-        if candidates is None or scores is None or divergent is None:
-            raise ValueError(f"mode {mode!r} needs candidates, scores and divergent")
-        weights = suppression_weights(mask, candidates, divergent, suppress_weight)
-        valid = candidates >= 0
-        nondiv = valid & ~divergent
-        stats["topd/candidates"] = (valid.sum().float(), float(mask.shape[0]) * one)  # per rollout
-        stats["topd/nondiv_frac"] = (nondiv.sum().float(), valid.sum().float())
-        stats["topd/D_div_mean"] = ((scores * divergent).sum(), divergent.sum().float())
-        stats["topd/D_nondiv_mean"] = ((scores * nondiv).sum(), nondiv.sum().float())
-
-    loss = opd_loss(token_loss.surrogate, mask, weights, num_tokens)
-    weighted = m if weights is None else m * weights
-    stats["opd/loss"] = ((token_loss.loss * weighted).sum(), m.sum())  # the weighted KL actually trained on
-
-    if mode == "topd" and window_kl is not None and window_kl.numel() > 0:
-        if window_mask is None or guide_total is None:
-            raise ValueError("guidance needs window_mask and guide_total")
-        guide = guide_loss(window_kl, window_mask, guide_decay, guide_total)
-        loss = loss + guide_weight * guide
-        wsum = guide_weights(window_mask, guide_decay).sum()
-        stats["guide/loss"] = ((window_kl.detach() * guide_weights(window_mask, guide_decay)).sum(), wsum)
-        stats["guide/tokens"] = (window_mask.float().sum(), one)
-    elif mode == "topd":
-        stats["guide/loss"] = (zero, zero)
-        stats["guide/tokens"] = (zero, one)
-    return loss, {k: (torch.as_tensor(n, dtype=torch.float32).detach(), torch.as_tensor(d, dtype=torch.float32).detach())
-                  for k, (n, d) in stats.items()}
+    loss, stats = opd_objective(mode, token_loss, mask, num_tokens, candidates=candidates, scores=scores,
+                                divergent=divergent, suppress_weight=suppress_weight)
+    if mode != "topd":
+        return loss, stats
+    if window_kl is None or window_kl.numel() == 0:
+        return loss, {**stats, **no_guidance_stats()}
+    if window_mask is None or guide_total is None:
+        raise ValueError("guidance needs window_mask and guide_total")
+    guide, guide_stats = guide_objective(window_kl, window_mask, guide_total, guide_weight=guide_weight,
+                                         guide_decay=guide_decay)
+    return loss + guide, {**stats, **guide_stats}
 
 
-def reduce_stats(parts: list[dict]) -> dict[str, float]:
-    """Sum (numerator, denominator) pairs over micro-batches (and, in train.py, ranks) and divide.
+def _detached(stats: dict) -> dict:
+    return {k: (torch.as_tensor(n, dtype=torch.float32).detach(), torch.as_tensor(d, dtype=torch.float32).detach())
+            for k, (n, d) in stats.items()}
 
-    A ratio with a zero denominator (e.g. no non-divergent candidate this step) is reported as NaN, not 0, so a
-    plot never shows a fake value.
+
+def reduce_stats(parts: list[dict], all_reduce=None) -> dict[str, float]:
+    """Sum (numerator, denominator) pairs over micro-batches (and, with all_reduce, over ranks), then divide.
+
+    all_reduce: a function that sums a tensor over ranks in place (train.py passes its own); every rank must hold
+    the same keys (they depend only on the mode). A ratio with a zero denominator (e.g. no non-divergent candidate
+    this step) is NaN, not 0, so a plot never shows a fake value; COUNTS are reported as sums.
+    One host sync in all: the pairs are stacked on the device, reduced, and read once.
     """
-    sums: dict[str, list[float]] = {}
+    keys = sorted({k for part in parts for k in part})
+    device = next((n.device for part in parts for n, _ in part.values()), torch.device("cpu"))
+    local = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
     for part in parts:
-        for k, (n, d) in part.items():
-            acc = sums.setdefault(k, [0.0, 0.0])
-            acc[0] += float(n)
-            acc[1] += float(d)
-    return {k: (n / d if d else float("nan")) for k, (n, d) in sums.items()}
+        for i, k in enumerate(keys):
+            if k in part:
+                local[i] += torch.stack([torch.as_tensor(x, device=device).double() for x in part[k]])
+    if all_reduce is not None:
+        all_reduce(local)
+    sums = local.tolist()
+    return {k: (n if k in COUNTS else (n / d if d else float("nan"))) for k, (n, d) in zip(keys, sums)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model side of sec. 3 and 5: candidates -> scores D -> divergent -> guidance windows
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Windows:
+    """The guidance windows of sec. 5 at some divergent states: the student's encoded prefixes s_t* (a KV cache, no
+    grad) and the teacher's K continuations of each, with the teacher's logits along them (the target of L_guide)."""
+    student_prefixes: sample.EncodedPrefixes
+    teacher_conts: sample.Continuations
+
+
+@dataclass
+class Detection:
+    """What detect() found in one micro-batch of rollouts.
+
+    candidates (B, C) positions (-1 = empty slot), scores (B, C) D_t, divergent (B, C) bool, windows (topd mode with
+    at least one divergent state) or None."""
+    candidates: torch.Tensor
+    scores: torch.Tensor
+    divergent: torch.Tensor
+    windows: Windows | None = None
+
+
+@torch.no_grad()
+def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, cfg: TOPDConfig, *, special_ids,
+           pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
+           windows_generator: torch.Generator | None = None, teacher_cache=None) -> Detection:
+    """Sec. 2-3 and the windows of sec. 5 for one micro-batch: candidates, D, the threshold rule, and (topd mode) the
+    teacher's windows at the divergent states. The models must be in eval() (sample.eval_mode).
+
+    special_ids: ids never to pick as candidates (sample.special_token_ids). teacher_cache: the teacher's KV cache of
+    these rollouts from its scoring pass (teacher.score_rollouts(cache=...)); with rollouts.cache (the sampler's)
+    the probe and the windows cut their prefixes out of them instead of re-encoding. generator draws the probe's
+    continuations, windows_generator (default: the same) the window detector's guidance windows.
+    """
+    mask = rollouts.response_mask
+    special = torch.isin(rollouts.response_ids, torch.as_tensor(list(special_ids), device=mask.device))
+    candidates = select_candidates(token_loss.loss, mask, cfg.num_candidates, cfg.min_gap, special)  # (B, C)
+    probe = None
+    if cfg.detector == "probe":
+        probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
+                                 pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
+                                 keep_teacher_logits=cfg.mode == "topd", teacher_cache=teacher_cache)
+        scores = probe.scores
+    else:
+        scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
+    divergent = divergent_mask(scores, candidates >= 0, alpha=cfg.div_alpha, threshold=cfg.threshold)
+    windows = None
+    if cfg.mode == "topd":
+        windows = teacher_windows(student, teacher, rollouts, candidates, divergent, k=cfg.probe_samples,
+                                  horizon=cfg.horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
+                                  generator=windows_generator or generator, probe=probe,
+                                  teacher_cache=teacher_cache)
+    return Detection(candidates, scores, divergent, windows)
+
+
+@dataclass
+class Probe:
+    """What the probe produced for one micro-batch: scores D (B, C), and, for the states in the order of
+    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (logits kept in
+    topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
+    scores: torch.Tensor
+    student_prefixes: sample.EncodedPrefixes | None = None
+    teacher_conts: sample.Continuations | None = None
+
+
+def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) -> sample.EncodedPrefixes:
+    """States (rows[i], ts[i]) of the rollouts as encoded prefixes: cut from `cache` (a KV cache of the whole batch
+    that sampling or teacher scoring already built) when there is one, else run through the model once each."""
+    enc = sample.prefixes_from_cache(cache, rollouts, rows, ts) if cache is not None else None
+    if enc is None:
+        enc = sample.encode_prefixes(model, [rollouts.prefix(int(b), int(t)) for b, t in zip(rows, ts)], pad_id)
+    return enc
+
+
+@torch.no_grad()
+def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
+                     pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
+                     keep_teacher_logits: bool = False, teacher_cache=None) -> Probe:
+    """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
+    each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
+
+    Cost control (spec "Cost rule"): no prefix is re-encoded when the rollout's KV caches are at hand (the student's
+    from sampling, rollouts.cache; the teacher's from its scoring pass, teacher_cache), and each state's cache serves
+    both that model's sampling and its scoring of the other model's continuations. At temperature 1 the sampler's
+    own log-probs are exact, so each continuation needs one extra scoring pass, by the other model only.
+    """
+    where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
+    scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
+    if len(where) == 0:
+        return Probe(scores)
+    rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
+    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
+    s_enc = state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id)
+    t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
+    s_conts = sample.sample_continuations(student, s_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
+                                          pad_id=pad_id, generator=generator)
+    t_conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
+                                          pad_id=pad_id, generator=generator, keep_logits=keep_teacher_logits)
+    teacher_on_student = teacher_lib.score_continuations(teacher, t_enc, s_conts, vocab_size=vocab_size)
+    student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
+    mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
+    mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (N, K)
+    scores[where[:, 0], where[:, 1]] = margin_w1(mu_teacher, mu_student)
+    return Probe(scores, s_enc, t_conts)
+
+
+@torch.no_grad()
+def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, divergent, *, k: int, horizon: int,
+                    pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
+                    probe: Probe | None = None, teacher_cache=None) -> Windows | None:
+    """The guidance windows of sec. 5 at the divergent states, or None when no state is divergent.
+
+    With the probe detector they exist already (the teacher's probe continuations, logits kept); the window
+    detector samples them now, only at the divergent states."""
+    where = torch.nonzero(candidates >= 0)
+    picked = torch.nonzero(divergent[where[:, 0], where[:, 1]]).squeeze(-1)  # indices into `where`
+    if len(picked) == 0:
+        return None
+    if probe is not None and probe.teacher_conts is not None:
+        return Windows(probe.student_prefixes.select(picked), probe.teacher_conts.select(picked))
+    rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
+    t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
+    conts = sample.sample_continuations(teacher, t_enc, k, horizon,
+                                        sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
+                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_logits=True)
+    return Windows(state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id), conts)
+
+
+def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,
+                chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """KL(pi_T || pi_theta) at every token of the teacher's windows, (N, K, H) with gradient to the student.
+
+    The student runs once over the K windows of each state from that state's cached prefix (no grad through the
+    prefix: the cost rule), so only the H window tokens carry gradient (teacher.continuation_logits)."""
+    student_logits = teacher_lib.continuation_logits(student, windows.student_prefixes, windows.teacher_conts.ids)
+    return kl_divergence(windows.teacher_conts.logits, student_logits, vocab_size=vocab_size, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Worked example
 # ----------------------------------------------------------------------------------------------------------------
 
-if __name__ == "__main__":
+def main():
     torch.manual_seed(0)
     print("One rollout of 12 response tokens over a 6-token vocabulary; the teacher agrees except at two places.")
     B, T, V = 1, 12, 6
@@ -394,3 +603,7 @@ if __name__ == "__main__":
                                      guide_total=None if window_mask is None else guide_weights(window_mask, 1.0).sum())
         shown = {k: round(v, 3) for k, v in reduce_stats([stats]).items()}
         print(f"{mode:13s} loss {loss.item():.3f} | {shown}")
+
+
+if __name__ == "__main__":
+    main()

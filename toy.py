@@ -470,6 +470,51 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The toy world as train.py's default job
+# ----------------------------------------------------------------------------------------------------------------
+
+# train.py's defaults are a pretrained LLM's (lr 1e-6, thousands of tokens, the spec's horizon). The toy's own values,
+# applied by train.parse_config when no --student is given (an explicit flag still wins):
+TRAIN_DEFAULTS = {
+    "lr": 3e-4,             # a 0.5M-parameter model from scratch learns at SFT-like rates (1e-4 and 1e-3 were worse)
+    "max_new_tokens": EVAL_MAX_NEW_TOKENS,  # a toy answer is <= 30 tokens; 48 caps runaway generations
+    "horizon": 8,           # a toy answer is ~25 tokens: the spec's 32 would span whole answers
+    "micro_batch": 32,      # tiny models: 32 rollouts per forward/backward
+    "steps": 300,
+    "eval_range": "",       # toy answers are any non-negative integer, not AIME's 0..999
+}
+
+
+def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
+    """The one call train.py makes for the toy world: build it into `world` if it is missing (rank 0, with every
+    core: torchrun gives each process one thread), the other ranks wait; returns the paths train.py needs.
+
+    An existing build is used as it is (whatever its ToyConfig, e.g. a --fast world); a missing one is built with
+    the default ToyConfig.
+    """
+    import torch.distributed as dist
+
+    world = Path(world)
+    if rank == 0:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, os.cpu_count() or 1))
+        try:
+            info = build(world, log=log) if not (world / "build.json").exists() else \
+                json.loads((world / "build.json").read_text())
+        finally:
+            torch.set_num_threads(threads)
+        log(f"toy world: {world} (teacher {info['accuracy']['teacher']['greedy']:.1%}, "
+            f"student {info['accuracy']['student']['greedy']:.1%} greedy at build time)")
+    else:  # wait without holding a core (a collective may spin); torchrun stops us if rank 0 fails
+        while not (world / "build.json").exists():
+            time.sleep(2)
+    if dist.is_initialized():
+        dist.barrier()
+    return {"student": str(world / "student"), "teacher": str(world / "teacher"),
+            "prompts": str(world / "train.jsonl"), "eval_prompts": str(world / "test.jsonl")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Detector report: can this world tell surface-form mismatches from real forks at all?
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -490,10 +535,8 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
       detectors        per detector: non-divergent fraction, precision / recall of "divergent" for real forks
                        (relative rule with div_alpha, or the absolute div_threshold when given)
     """
-    import sample
     import teacher as teacher_lib
     import topd
-    from train import TrainConfig, probe_divergence
 
     world = Path(world)
     student, tok = sample.load_policy(str(student_path or world / "student"))
@@ -520,8 +563,11 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
     report = {"prompts": len(rows), "tokens": len(flat), "label_share": mix(flat),
               "top1": mix(flat[:max(1, len(flat) // 100)]), "top5": mix(flat[:max(1, len(flat) // 20)])}
 
-    cfg = TrainConfig(num_candidates=num_candidates, min_gap=min_gap, horizon=horizon, probe_samples=probe_samples)
-    special = torch.isin(ro.response_ids, torch.tensor([EOS_ID]))
+    special = torch.isin(ro.response_ids, torch.tensor(sample.special_token_ids(tok, [EOS_ID])))
+
+    def probe(cands, generator):  # the probe's D at the given candidates, exactly as train.py runs it
+        return topd.probe_divergence(student, teacher, ro, cands, k=probe_samples, horizon=horizon, pad_id=PAD_ID,
+                                     eos_ids=[EOS_ID], vocab_size=len(tok), generator=generator).scores
 
     def scores_at(positions):  # D of both detectors at the given (row, t) states, as (C=1) candidates
         cands = torch.full((len(rows), 1), -1, dtype=torch.long)
@@ -533,8 +579,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
                     cands[b, 0] = ts[slot]
             valid = cands[:, 0] >= 0
             w = topd.window_divergence(loss, mask, cands, horizon)[:, 0]
-            p = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID],
-                                 sample.make_generator(seed, 1, slot), None).scores[:, 0]
+            p = probe(cands, sample.make_generator(seed, 1, slot))[:, 0]
             out["window"] += w[valid].tolist()
             out["probe"] += p[valid].tolist()
         return {k: (sum(v) / len(v) if v else float("nan")) for k, v in out.items()} | {"n": len(out["window"])}
@@ -556,8 +601,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
         if name == "window":
             d = topd.window_divergence(loss, mask, cands, horizon)
         else:
-            d = probe_divergence(student, teacher, ro, cands, cfg, PAD_ID, [EOS_ID], sample.make_generator(seed, 2),
-                                 None).scores
+            d = probe(cands, sample.make_generator(seed, 2))
         div = topd.divergent_mask(d, valid, alpha=div_alpha, threshold=div_threshold)
         tp = int((div & is_fork).sum())
         report["detectors"][name] = {

@@ -1,34 +1,35 @@
 """
 train.py -- TOPD training: one process or many (torchrun), CPU or GPU, the toy world by default.
 
-    python train.py                                           # the main job: toy world, 1 process
+    python train.py                                           # the main job: the toy world, 1 process
     torchrun --standalone --nproc_per_node=2 train.py         # the same on 2 processes (CPU: gloo, GPU: nccl)
     torchrun --standalone --nproc_per_node=8 train.py --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B \\
-        --prompts math.jsonl --eval-prompts aime24.jsonl --chat-template --max-new-tokens 8192 ...
+        --prompts math.jsonl --eval-prompts data/aime24.jsonl --chat-template --instruction ...
 
-With no --student/--teacher the toy world (toy.py) is built if missing and the toy student is distilled from the
-toy teacher, with held-out accuracy printed before and after.
+With no --student/--teacher the toy world (toy.py) is built if missing and its student is distilled from its teacher
+with the toy's own defaults (toy.TRAIN_DEFAULTS); with real models the defaults below are those of a pretrained LLM.
 
-One optimizer step, in order (spec "Modes" and sections 1-5):
+One optimizer step (train_step), in order (docs/method.md, "Modes" and sections 1-5):
   0. every rank takes its contiguous share of the step's prompts and samples one rollout per prompt with the
      CURRENT student (on-policy), micro-batch by micro-batch, each with its own seeded generator;
   1. the response-token count of the whole step is summed over ranks: the loss normaliser N, known before any
      backward (OPD trap 5);
-  2. phase A, per micro-batch: teacher scores (no grad) -> student forward (grad) -> per-token loss l_t ->
-     [opd_suppress, topd] candidates, detector (window: free; probe: K+K sampled continuations per candidate),
-     divergence -> weights -> backward of L_OPD(w) * world_size (DDP averages gradients; we want the sum/N);
-  3. phase B [topd]: the teacher windows collected at divergent states are replayed through the student with
-     gradient; L_guide's normaliser (total window weight of the step, all ranks) is all-reduced first. Every
-     rank runs the same number of guide micro-batches (an empty one is a zero-loss forward), so DDP stays in step;
+  2. phase A (opd_phase), per micro-batch: teacher scores (no grad) -> student forward (grad) -> per-token loss
+     l_t -> [opd_suppress, topd] topd.detect: candidates, D, divergent, guidance windows -> topd.opd_objective,
+     L_OPD(w), backward times world_size (DDP averages gradients; we want the sum over all tokens / N);
+  3. phase B (guidance_phase) [topd]: the windows of the whole step are replayed through the student with gradient,
+     topd.guide_objective; L_guide's normaliser (total window weight, all ranks) is all-reduced first, and every
+     rank runs the same number of rounds (an empty one is a zero-loss forward), so DDP stays in step;
   4. only the LAST backward of the step synchronises gradients (no_sync() on all others); clip; skip the step if
      the loss or the gradient norm is not finite; AdamW; warmup + cosine schedule.
-L_TOPD = L_OPD(w) + lambda * L_guide is a sum, so back-propagating its two parts separately (phases A and B)
-gives exactly its gradient; topd.topd_objective shows the same objective as one expression.
+L_TOPD = L_OPD(w) + lambda * L_guide is a sum, so back-propagating its two parts separately gives exactly the
+gradient of topd.topd_objective, which is built from the same two functions.
 
 Checkpoints (out/ckpt-NNNNNN): an HF folder (`save_pretrained`, loadable by transformers / vLLM as is),
-trainer_state.pt (optimizer, scheduler, step, RNG) and meta.json; written under a temporary name, then renamed,
-then `out/latest` is switched atomically: a crash never leaves a broken "latest". --resume continues from it and
-reproduces the uninterrupted run (every random draw is seeded by (seed, step, rank, micro-batch, purpose)).
+trainer_state.pt (optimizer, scheduler, step, RNG) and meta.json; written under a temporary name, renamed, then
+`out/latest` is switched atomically: a crash never leaves a broken "latest". Each run owns its --out: a new run in
+a folder that holds another is refused (--overwrite replaces it), and --resume continues the run with the same
+flags and reproduces the uninterrupted run (every random draw is seeded by (seed, step, rank, micro-batch, purpose)).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -49,51 +49,39 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import sample
 import teacher as teacher_lib
 import topd
+from kernels import token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Config: one dataclass, every field a --kebab-case flag
+# Config: one dataclass, every field a --kebab-case flag (the method's knobs come from topd.TOPDConfig)
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class TrainConfig:
-    # models and data (empty student/teacher/prompts = the toy world)
+class TrainConfig(topd.TOPDConfig):
+    # models and data (empty student/teacher/prompts = the toy world, with toy.TRAIN_DEFAULTS)
     student: str = ""              # student checkpoint: local folder or hub id
-    teacher: str = ""              # teacher checkpoint: same tokenizer as the student (checked)
+    teacher: str = ""              # teacher checkpoint: same tokenizer and stop tokens as the student (checked)
     prompts: str = ""              # training prompts, JSONL {"prompt": ...} (answers not needed)
     eval_prompts: str = ""         # held-out JSONL {"prompt"/"problem", "answer"} for accuracy
+    eval_range: str = "0,999"      # "lo,hi": integer answers outside are wrong (AIME); "" = no range check
     toy_dir: str = "runs/toy"      # where the toy world is built / found when no models are given
     chat_template: bool = False    # wrap prompts in the tokenizer's chat template (instruct models)
     enable_thinking: str = ""      # "", "true" or "false": passed to templates that take it (Qwen3)
     instruction: bool = False      # append eval_aime's boxed-answer instruction to every prompt
     max_prompt_len: int = 1024     # longer prompts are left-truncated (counted), or rejected with --strict
     strict: bool = False
-    # the method (TOPD_SPEC.md; defaults are the spec's)
-    mode: str = "topd"             # opd | opd_suppress | topd
-    kl: str = "full"               # full (exact reverse KL) | sampled (one-sample REINFORCE estimate)
-    num_candidates: int = 4        # high-loss candidates per rollout
-    min_gap: int = 8               # minimum distance between candidates
-    detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
-    probe_samples: int = 4         # K continuations per model per candidate
-    horizon: int = 32              # H tokens per continuation / window
-    div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
-    div_alpha: float = 0.5         # alpha of the relative rule
-    div_threshold: float = 1.0     # tau of the absolute rule, in D's units (nats/token); may be negative (--kl sampled)
-    suppress_weight: float = 0.0   # weight of non-divergent candidates in L_OPD
-    guide_weight: float = 1.0      # lambda
-    guide_decay: float = 1.0       # gamma over the window
     # rollouts
     rollout_batch: int = 64        # prompts per optimizer step, all ranks together
-    micro_batch: int = 32          # rollouts per forward/backward (per rank)
-    max_new_tokens: int = 48       # response cap; capped rollouts count as truncated
+    micro_batch: int = 4           # rollouts per forward/backward (per rank); the toy uses 32
+    max_new_tokens: int = 8192     # response cap; capped rollouts count as truncated (the toy uses 48)
     temperature: float = 1.0       # 1.0 = on-policy; the estimators assume it (any other value: warned, biased)
-    ignore_eos: bool = False       # benchmarks only: always sample max_new_tokens tokens
     # optimisation
-    steps: int = 300
-    lr: float = 3e-4
+    steps: int = 200
+    lr: float = 1e-6               # a pretrained LLM's scale; the toy's 3e-4 would wreck one
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.98
@@ -123,14 +111,8 @@ class TrainConfig:
 
 
 CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
-           "div_rule": ("relative", "absolute"),
-           "device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-           "enable_thinking": ("", "true", "false")}
-
-
-# The toy world's responses are ~25 tokens, so the spec's 32-token horizon would span whole answers and make the
-# probe cost more than everything else; these defaults apply to the toy world only, and an explicit flag wins.
-TOY_DEFAULTS = {"horizon": 8}
+           "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"),
+           "dtype": ("auto", "float32", "bfloat16"), "enable_thinking": ("", "true", "false")}
 
 
 def parse_config(argv=None) -> TrainConfig:
@@ -145,8 +127,10 @@ def parse_config(argv=None) -> TrainConfig:
                                 default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
                                 help=f"default: {f.default!r}")
     explicit = vars(parser.parse_args(argv))  # only the flags actually given
-    toy_defaults = TOY_DEFAULTS if not explicit.get("student") else {}
-    cfg = TrainConfig(**{**toy_defaults, **explicit})
+    if not explicit.get("student"):  # the toy world's own values; an explicit flag still wins
+        import toy
+        explicit = {**toy.TRAIN_DEFAULTS, **explicit}
+    cfg = TrainConfig(**explicit)
     positive = ["num_candidates", "probe_samples", "horizon", "rollout_batch", "micro_batch", "max_new_tokens",
                 "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every", "logp_check_every"]
     for name in positive:
@@ -171,6 +155,8 @@ def parse_config(argv=None) -> TrainConfig:
                      "uses --div-alpha)")
     if cfg.resume and cfg.overwrite:
         parser.error("--resume continues the run in --out, --overwrite deletes it: give one of them")
+    if cfg.eval_range and len(cfg.eval_range.split(",")) != 2:
+        parser.error(f"--eval-range must be 'lo,hi' or '', got {cfg.eval_range!r}")
     if cfg.temperature != 1.0:
         warnings.warn(f"--temperature {cfg.temperature}: rollouts are not samples of the student's policy, so both "
                       "estimators of the reverse KL (full and sampled) are biased; OPD's theory assumes 1.0",
@@ -179,23 +165,10 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
-# Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
-# trajectory of the weights. Any other difference (--steps, --lr, ...) would silently change the schedule or the
-# method half-way, so resume refuses it.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
-                     "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
-                     "gradient_checkpointing"}
-
-
-def resume_differences(saved: dict, cfg: TrainConfig) -> list[str]:
-    """The flags whose value differs from the checkpoint's config, as '--flag saved -> now' strings."""
-    now = dataclasses.asdict(cfg)
-    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
-            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers (torchrun-native; the same code runs with 1 process)
+# Distributed and model-mode helpers (torchrun-native; the same code runs with 1 process)
 # ----------------------------------------------------------------------------------------------------------------
 
 def dist_init(device_kind: str):
@@ -215,6 +188,11 @@ def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
 def print0(*args, rank: int = 0, **kw):
     if rank == 0:
         print(*args, **kw, flush=True)
+
+
+def grad_sync(model, sync: bool):
+    """DDP synchronises gradients in every backward unless told not to: only the step's last backward should."""
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def set_checkpointing(model, on: bool):
@@ -247,6 +225,28 @@ def eval_mode(model):
         model.train(was_training)
 
 
+class Clock:
+    """Wall time per phase of a step; time spent in a nested phase is not counted in the enclosing one."""
+
+    def __init__(self):
+        self.start, self.times, self.open = time.time(), dict.fromkeys(("sample", "teacher", "probe", "train"), 0.0), []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        now = time.time()
+        if self.open:  # pause the enclosing phase
+            self.times[self.open[-1][0]] += now - self.open[-1][1]
+        self.open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.time()
+            phase, since = self.open.pop()
+            self.times[phase] += now - since
+            if self.open:
+                self.open[-1][1] = now
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,172 +273,6 @@ def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: in
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The two detectors' model-side work (the arithmetic lives in topd.py)
-# ----------------------------------------------------------------------------------------------------------------
-
-@dataclass
-class Probe:
-    """What the probe produced for one micro-batch: scores D (B, C), and, for the states in the order of
-    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (logits kept in
-    topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
-    scores: torch.Tensor
-    student_prefixes: sample.EncodedPrefixes | None = None
-    teacher_conts: sample.Continuations | None = None
-
-
-def state_prefixes(model, ro: sample.Rollouts, rows, ts, cache, pad_id) -> sample.EncodedPrefixes:
-    """States (rows[i], ts[i]) of the rollouts as encoded prefixes: cut from `cache` (a KV cache of the whole batch
-    that sampling or teacher scoring already built) when there is one, else run through the model once each."""
-    enc = sample.prefixes_from_cache(cache, ro, rows, ts) if cache is not None else None
-    if enc is None:
-        enc = sample.encode_prefixes(model, [ro.prefix(int(b), int(t)) for b, t in zip(rows, ts)], pad_id)
-    return enc
-
-
-def probe_divergence(student, teacher, ro: sample.Rollouts, candidates, cfg: TrainConfig, pad_id, eos_ids,
-                     generator, vocab_size, keep_teacher_logits: bool = False, teacher_cache=None) -> Probe:
-    """`--detector probe` (spec sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
-    each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
-
-    Cost control (spec "Cost rule"): no prefix is re-encoded when the rollout's KV caches are at hand (the student's
-    from sampling, ro.cache; the teacher's from its scoring pass, teacher_cache), and each state's cache serves both
-    that model's sampling and its scoring of the other model's continuations. At temperature 1 the sampler's own
-    log-probs are exact, so each continuation needs one extra scoring pass, by the other model only.
-    """
-    where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
-    scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
-    if len(where) == 0:
-        return Probe(scores)
-    rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
-    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
-    K, H = cfg.probe_samples, cfg.horizon
-    s_enc = state_prefixes(student, ro, rows, ts, ro.cache, pad_id)
-    t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
-    s_conts = sample.sample_continuations(student, s_enc, K, H, sampling=probe_sampling, eos_ids=eos_ids,
-                                          pad_id=pad_id, generator=generator)
-    t_conts = sample.sample_continuations(teacher, t_enc, K, H, sampling=probe_sampling, eos_ids=eos_ids,
-                                          pad_id=pad_id, generator=generator, keep_logits=keep_teacher_logits)
-    teacher_on_student = teacher_lib.score_continuations(teacher, t_enc, s_conts, vocab_size=vocab_size)
-    student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
-    mu_student = topd.continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
-    mu_teacher = topd.continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (N, K)
-    scores[where[:, 0], where[:, 1]] = topd.margin_w1(mu_teacher, mu_student)
-    return Probe(scores, s_enc, t_conts)
-
-
-def teacher_windows(student, teacher, ro, candidates, divergent, cfg, pad_id, eos_ids, generator,
-                    probe: Probe | None, teacher_cache=None, vocab_size=None):
-    """The guidance windows of spec sec. 5 at the divergent states: (student prefixes, teacher continuations with
-    logits), or (None, None) when no state is divergent.
-
-    With the probe detector they exist already (the teacher's probe continuations, logits kept); the window
-    detector samples them now, only at the divergent states."""
-    where = torch.nonzero(candidates >= 0)
-    picked = torch.nonzero(divergent[where[:, 0], where[:, 1]]).squeeze(-1)  # indices into `where`
-    if len(picked) == 0:
-        return None, None
-    if probe is not None and probe.teacher_conts is not None:
-        return probe.student_prefixes.select(picked), probe.teacher_conts.select(picked)
-    rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
-    t_enc = state_prefixes(teacher, ro, rows, ts, teacher_cache, pad_id)
-    conts = sample.sample_continuations(teacher, t_enc, cfg.probe_samples, cfg.horizon,
-                                        sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
-                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_logits=True)
-    return state_prefixes(student, ro, rows, ts, ro.cache, pad_id), conts
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: write to a temporary name, rename, then switch `latest` atomically
-# ----------------------------------------------------------------------------------------------------------------
-
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg: TrainConfig, extra: dict):
-    """Write out/ckpt-{step}, switch out/latest to it, then delete this run's checkpoints older than it beyond
-    cfg.keep_checkpoints. extra["run_id"] names the run; rotation never touches another run's checkpoints, nor
-    one newer than the checkpoint just written."""
-    final = out / f"ckpt-{step:06d}"
-    tmp = out / f".tmp-ckpt-{step:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)  # safetensors + config.json + generation_config.json
-    tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "bad_steps": extra.get("bad_steps", 0)}, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg), **extra}, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)  # a directory rename: the checkpoint appears complete or not at all
-    pointer = out / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, out / "latest")  # the switch of "latest" is one atomic rename
-    older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name < final.name
-                   and checkpoint_run_id(p) == extra.get("run_id"))
-    for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:  # keep_checkpoints counts `final` too
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def checkpoint_run_id(path: Path) -> str | None:
-    """The run a checkpoint belongs to (meta.json's run_id), or None when it has none or cannot be read."""
-    try:
-        return json.loads((path / "meta.json").read_text()).get("run_id")
-    except (OSError, ValueError):
-        return None
-
-
-def prepare_out(out: Path, cfg: TrainConfig, rank: int) -> None:
-    """Make sure a run never silently mixes with another run's files in the same --out.
-
-    A fresh run in a folder that already holds a run (a `latest` pointer, checkpoints or metrics) is refused unless
-    --overwrite (delete them first) or --resume (continue that run) is given; --resume with nothing to resume is
-    refused too, naming the folder. Called before any model is loaded, so a refusal costs nothing.
-    """
-    held = [p for p in (out / "latest", out / "metrics.jsonl") if p.exists()] + sorted(out.glob("ckpt-*"))
-    if cfg.resume:
-        if not (out / "latest").exists():
-            raise FileNotFoundError(f"--resume: {out} holds no checkpoint to resume from (no {out / 'latest'})")
-        return
-    if held and not cfg.overwrite:
-        raise FileExistsError(
-            f"{out} already holds a run ({', '.join(p.name for p in held[:4])}{' ...' if len(held) > 4 else ''}): "
-            "pass --resume to continue it, --overwrite to delete it and start afresh, or another --out")
-    if held and rank == 0:
-        for p in held + sorted(out.glob(".tmp-ckpt-*")) + [out / "results.json"]:
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-
-
-def latest_checkpoint(out: Path) -> Path:
-    pointer = out / "latest"
-    if not pointer.exists():
-        raise FileNotFoundError(f"{out} holds no checkpoint (no {pointer})")
-    path = out / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").exists():
-        raise RuntimeError(f"{pointer} points to {path}, which has no trainer_state.pt")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation (held-out accuracy through eval_aime's one grading path, sharded over ranks)
-# ----------------------------------------------------------------------------------------------------------------
-
-def held_out_accuracy(model, tokenizer, rows, cfg: TrainConfig, rank, world, integer_range) -> float:
-    from eval_aime import evaluate
-
-    sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=len(tokenizer))
-    with eval_mode(model):
-        _, records = evaluate(model, tokenizer, rows, k=1, sampling=sampling, seed=cfg.seed, batch_size=250,
-                              instruction=cfg.instruction, chat_template=cfg.chat_template,
-                              enable_thinking=None if not cfg.enable_thinking else cfg.enable_thinking == "true",
-                              integer_range=integer_range, max_prompt_len=cfg.max_prompt_len, rank=rank, world=world)
-    counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
-    all_reduce(counts)
-    return float(counts[0] / counts[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -461,12 +295,11 @@ class Run:
     prompts: list
     prompt_ids: list
     eval_rows: list
-    integer_range: tuple | None
-    vocab_size: int
+    vocab_size: int             # the tokenizer's size: logits are sliced to it, samplers never draw past it
     pad_id: int
-    eos_ids: list
+    eos_ids: list               # every stop token (bench.py sets [-1] to sample exactly max_new_tokens)
     special_ids: list           # never candidates: special and added tokens of the tokenizer, EOS included
-    run_id: str = ""            # names this run's checkpoints (rotation deletes only its own)
+    run_id: str                 # names this run's checkpoints (rotation deletes only its own)
     accuracy_before: float | None = None  # held-out accuracy at step 0, carried through resumes
     start_step: int = 0
     bad_steps: int = 0
@@ -483,36 +316,17 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         torch.cuda.set_device(device)
     if cfg.rollout_batch % world:
         raise ValueError(f"--rollout-batch {cfg.rollout_batch} must be divisible by the number of processes {world}")
-    prepare_out(Path(cfg.out), cfg, rank)  # before anything slow: a refused --out costs nothing
+    checkpoint.prepare_out(Path(cfg.out), cfg, rank)  # before anything slow: a refused --out costs nothing
     sample.quiet_progress_bars()
     # Device and dtype, decided here once: fp32 on CPU; on CUDA fp32 master weights and optimizer state with bf16
     # autocast for the student, and a bf16 teacher (it never trains).
     use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_kind == "cuda")
     autocast = (lambda: torch.autocast(device_kind, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
-    teacher_dtype = torch.bfloat16 if use_bf16 else torch.float32
-
-    # --- the toy world when no models are given (rank 0 builds it, the others wait) ---
-    toy_mode = not cfg.student
-    if toy_mode:
+    if not cfg.student:  # the toy world: built by rank 0 if missing, the others wait
         import toy
-        if rank == 0:
-            # torchrun gives every process one thread; the build is rank 0's job alone, so let it use every core
-            threads = torch.get_num_threads()
-            torch.set_num_threads(max(threads, os.cpu_count() or 1))
-            try:
-                info = toy.build(cfg.toy_dir, log=log)
-            finally:
-                torch.set_num_threads(threads)
-            log(f"toy world: {cfg.toy_dir} (teacher {info['accuracy']['teacher']['greedy']:.1%}, "
-                f"student {info['accuracy']['student']['greedy']:.1%} greedy at build time)")
-        else:  # wait without holding a core (a collective may spin); torchrun stops us if rank 0 fails
-            while not (Path(cfg.toy_dir) / "build.json").exists():
-                time.sleep(2)
-        if dist.is_initialized():
-            dist.barrier()
-        cfg.student, cfg.teacher = f"{cfg.toy_dir}/student", f"{cfg.toy_dir}/teacher"
-        cfg.prompts = cfg.prompts or f"{cfg.toy_dir}/train.jsonl"
-        cfg.eval_prompts = cfg.eval_prompts or f"{cfg.toy_dir}/test.jsonl"
+        paths = toy.world_for_training(cfg.toy_dir, rank, log)
+        cfg.student, cfg.teacher = paths["student"], paths["teacher"]
+        cfg.prompts, cfg.eval_prompts = cfg.prompts or paths["prompts"], cfg.eval_prompts or paths["eval_prompts"]
 
     # --- every input checked before any model weight is loaded ---
     prompts = load_prompts(cfg.prompts, require_answer=False)
@@ -527,13 +341,12 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     prompt_ids, n_truncated = sample.encode_prompts(
         s_tok, [build_prompt(p["problem"], cfg.instruction) for p in prompts], chat_template=cfg.chat_template,
         max_prompt_len=cfg.max_prompt_len, strict=cfg.strict, enable_thinking=enable_thinking)
-
-    # --- a resumed run must be the same run: every flag that shapes the trajectory equal to the checkpoint's ---
+    # a resumed run must be the same run: every flag that shapes the trajectory equal to the checkpoint's
     resume_from, meta = None, {}
     if cfg.resume:
-        resume_from = latest_checkpoint(Path(cfg.out))
+        resume_from = checkpoint.latest_checkpoint(Path(cfg.out))
         meta = json.loads((resume_from / "meta.json").read_text())
-        differ = resume_differences(meta["config"], cfg)
+        differ = checkpoint.resume_differences(meta["config"], cfg)
         if differ:
             raise ValueError(f"--resume from {resume_from}: these flags differ from the checkpoint's run: "
                              f"{'; '.join(differ)}. Use the run's own flags (meta.json), or start a new run "
@@ -541,7 +354,7 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
 
     # --- models, optimiser, schedule ---
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
-    teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, teacher_dtype)
+    teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, torch.bfloat16 if use_bf16 else torch.float32)
     if cfg.mode != "opd":  # the probe and the guidance windows start from prefixes cut out of KV caches
         sample.check_prefix_cache(student)
         sample.check_prefix_cache(teacher)
@@ -563,16 +376,19 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    run = Run(cfg, rank, world, device, autocast, student, model, teacher, tokenizer, optimizer,
-              torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), prompts, prompt_ids, eval_rows,
-              None if toy_mode else (0, 999), vocab_size, sample.pad_token_id(tokenizer),
-              sample.eos_token_ids(student, tokenizer), [], run_id=meta.get("run_id") or new_run_id())
-    run.special_ids = sample.special_token_ids(tokenizer, run.eos_ids)
+    eos_ids = sample.eos_token_ids(student, tokenizer)
+    run = Run(cfg=cfg, rank=rank, world=world, device=device, autocast=autocast, student=student, model=model,
+              teacher=teacher, tokenizer=tokenizer, optimizer=optimizer,
+              scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda), prompts=prompts,
+              prompt_ids=prompt_ids, eval_rows=eval_rows, vocab_size=vocab_size,
+              pad_id=sample.pad_token_id(tokenizer), eos_ids=eos_ids,
+              special_ids=sample.special_token_ids(tokenizer, eos_ids),
+              run_id=meta.get("run_id") or checkpoint.new_run_id())
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state)
+        checkpoint.restore_rng(state)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
         run.accuracy_before = meta.get("accuracy_before")
         log(f"resumed from {resume_from} at step {run.start_step}")
@@ -593,20 +409,6 @@ def generation_config(path: str):
         return None
 
 
-def new_run_id() -> str:
-    import uuid
-
-    return uuid.uuid4().hex[:12]
-
-
-def restore_rng(state: dict) -> None:
-    """The global RNG states saved with a checkpoint: CPU always, CUDA when both the checkpoint and this machine
-    have it (sampling itself uses seeded generators, but dropout and any library code use the global ones)."""
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
-
-
 def teacher_self_check(run: Run, log) -> None:
     """teacher.self_check on a few real rollouts of the student before training starts (trap 20)."""
     cfg = run.cfg
@@ -620,168 +422,171 @@ def teacher_self_check(run: Run, log) -> None:
         f"nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
 
 
+def held_out_accuracy(run: Run) -> float:
+    """Greedy (eval_temperature) accuracy on the held-out rows through eval_aime's one grading path, sharded over
+    ranks and summed."""
+    from eval_aime import evaluate
+
+    cfg = run.cfg
+    sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                     vocab_size=run.vocab_size)
+    with eval_mode(run.student):
+        _, records = evaluate(run.student, run.tokenizer, run.eval_rows, k=1, sampling=sampling, seed=cfg.seed,
+                              batch_size=250, instruction=cfg.instruction, chat_template=cfg.chat_template,
+                              enable_thinking=None if not cfg.enable_thinking else cfg.enable_thinking == "true",
+                              integer_range=tuple(int(x) for x in cfg.eval_range.split(",")) if cfg.eval_range else None,
+                              max_prompt_len=cfg.max_prompt_len, rank=run.rank, world=run.world)
+    counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
+    all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # One optimizer step
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(run: Run, step: int) -> dict:
-    cfg, device, world, rank = run.cfg, run.device, run.world, run.rank
-    student, model, teacher = run.student, run.model, run.teacher
-    t_start = time.time()
-    timings = {"sample": 0.0, "teacher": 0.0, "probe": 0.0, "train": 0.0}
-    per_rank = cfg.rollout_batch // world
+    cfg, clock = run.cfg, Clock()
+    per_rank = cfg.rollout_batch // run.world
     micro = [slice(i, min(i + cfg.micro_batch, per_rank)) for i in range(0, per_rank, cfg.micro_batch)]
-    threshold = cfg.div_threshold if cfg.div_rule == "absolute" else None
-    special = torch.tensor(run.special_ids, device=device)
-    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=run.vocab_size)
+
+    def generator(j, purpose):  # every random draw: (seed, step, global micro-batch index, purpose)
+        return sample.make_generator(cfg.seed, step, run.rank * len(micro) + j, purpose, device=run.device)
+
+    # ---- 0. rollouts from the current policy; rank r takes the r-th contiguous share of the step's prompts ----
+    indices = step_prompt_indices(len(run.prompts), step, cfg.rollout_batch, cfg.seed)[run.rank * per_rank:]
     # the probe and the guidance windows start from states of the rollouts: keep the KV caches that sampling and
     # teacher scoring build anyway, so that no prefix is ever encoded twice
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
-
-    def generator(j, purpose):  # every random draw: (seed, step, global micro-batch index, purpose)
-        return sample.make_generator(cfg.seed, step, rank * len(micro) + j, purpose, device=device)
-
-    # ---- 0. rollouts from the current policy; rank r takes the r-th contiguous share of the step's prompts ----
-    indices = step_prompt_indices(len(run.prompts), step, cfg.rollout_batch, cfg.seed)[rank * per_rank:][:per_rank]
-    rollouts = []
-    with torch.no_grad(), eval_mode(student), run.autocast():
-        for j, rows in enumerate(micro):
-            rollouts.append(sample.sample_rollouts(
-                student, [run.prompt_ids[i] for i in indices[rows]], sampling=sampling, pad_id=run.pad_id,
-                eos_ids=[-1] if cfg.ignore_eos else run.eos_ids, generator=generator(j, 0), keep_cache=keep_caches))
-    timings["sample"] = time.time() - t_start
+    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
+                                     vocab_size=run.vocab_size)
+    with clock("sample"), torch.no_grad(), eval_mode(run.student), run.autocast():
+        rollouts = [sample.sample_rollouts(run.student, [run.prompt_ids[i] for i in indices[rows]],
+                                           sampling=sampling, pad_id=run.pad_id, eos_ids=run.eos_ids,
+                                           generator=generator(j, 0), keep_cache=keep_caches)
+                    for j, rows in enumerate(micro)]
 
     # ---- 1. the loss normaliser N: response tokens of the whole step, all ranks, known before any backward ----
-    num_tokens = all_reduce(torch.tensor(float(sum(r.response_mask.sum() for r in rollouts)), device=device))
-    optimizer = run.optimizer
-    optimizer.zero_grad(set_to_none=True)
-    stats_parts, guide_items = [], []
-    sync_in_phase_a = cfg.mode != "topd"  # in topd mode the last guide backward synchronises instead
+    num_tokens = all_reduce(torch.tensor(float(sum(r.response_mask.sum() for r in rollouts)), device=run.device))
+    run.optimizer.zero_grad(set_to_none=True)
 
-    # ---- 2. phase A: L_OPD(w), micro-batch by micro-batch ----
+    # ---- 2. phase A: L_OPD(w), micro-batch by micro-batch; in topd mode the last guidance backward syncs ----
+    stats, windows = [], []
     for j, ro in enumerate(rollouts):
-        t0 = time.time()
-        teacher_cache = sample.new_cache(teacher) if keep_caches else None
-        with run.autocast():
-            teacher_out = teacher_lib.score_rollouts(teacher, ro, cfg.kl, vocab_size=run.vocab_size,
-                                                     chunk_size=cfg.chunk_size, cache=teacher_cache)  # (b, R, V) / (b, R)
-        timings["teacher"] += time.time() - t0
-        t0 = time.time()
-        last = sync_in_phase_a and j == len(rollouts) - 1
-        with (contextlib.nullcontext() if last or world == 1 else model.no_sync()):
-            with run.autocast():
-                s_logits = teacher_lib.response_logits(model, ro)  # (b, R, V) with grad
-            token_loss = topd.opd_token_loss(
-                s_logits, ro.response_ids, estimator=cfg.kl, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size,
-                teacher_logits=teacher_out if cfg.kl == "full" else None,
-                teacher_logprobs=teacher_out if cfg.kl == "sampled" else None)
-            parts, probe_time = {}, 0.0
-            if cfg.mode != "opd":
-                tp = time.time()
-                cands = topd.select_candidates(token_loss.loss, ro.response_mask, cfg.num_candidates, cfg.min_gap,
-                                               special=torch.isin(ro.response_ids, special))  # (b, C)
-                probe = None
-                with torch.no_grad(), eval_mode(student), run.autocast():
-                    if cfg.detector == "probe":
-                        probe = probe_divergence(student, teacher, ro, cands, cfg, run.pad_id, run.eos_ids,
-                                                 generator(j, 1), run.vocab_size, keep_teacher_logits=cfg.mode == "topd",
-                                                 teacher_cache=teacher_cache)
-                        scores = probe.scores
-                    else:
-                        scores = topd.window_divergence(token_loss.loss, ro.response_mask, cands, cfg.horizon)
-                    divergent = topd.divergent_mask(scores, cands >= 0, alpha=cfg.div_alpha, threshold=threshold)
-                    if cfg.mode == "topd":
-                        s_prefixes, conts = teacher_windows(student, teacher, ro, cands, divergent, cfg, run.pad_id,
-                                                            run.eos_ids, generator(j, 2), probe, teacher_cache,
-                                                            vocab_size=run.vocab_size)
-                        if conts is not None:
-                            guide_items.append((s_prefixes, conts))
-                parts = dict(candidates=cands, scores=scores, divergent=divergent, suppress_weight=cfg.suppress_weight)
-                probe_time = time.time() - tp
-                timings["probe"] += probe_time
-            loss, stats = topd.topd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **parts)
-            (loss * world).backward()  # DDP AVERAGES gradients over ranks; sum over all tokens / N needs * world
-        n_rows = torch.tensor(float(len(ro.truncated)))
-        stats["rollout/len_mean"] = (ro.response_mask.sum().float(), n_rows)
-        stats["rollout/truncated_frac"] = (ro.truncated.sum().float(), n_rows)
-        stats["rollout/eos_frac"] = (n_rows - ro.truncated.sum().float(), n_rows)
-        if step % cfg.logp_check_every == 0:  # the same steps on every rank, so metric keys stay in step
-            with torch.no_grad():  # sampler vs learner log-probs of the same tokens: ~0 unless something is off (trap 14)
-                learner = topd.token_logprobs(s_logits.detach(), ro.response_ids, vocab_size=run.vocab_size)
-                stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
-                                                  ro.response_mask.sum().float())
-        stats_parts.append(stats)
-        del s_logits, teacher_out, token_loss, loss, teacher_cache
-        ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
-        timings["train"] += time.time() - t0 - probe_time
+        sync = cfg.mode != "topd" and j == len(rollouts) - 1
+        part, found = opd_phase(run, ro, num_tokens, sync=sync, generators=(generator(j, 1), generator(j, 2)),
+                                clock=clock, check_logp=step % cfg.logp_check_every == 0)
+        stats.append(part)
+        windows += [] if found is None else [found]
 
-    # ---- 3. phase B: future-distributed guidance along the teacher's windows ----
+    # ---- 3. phase B: future-distributed guidance along the teacher's windows of the whole step ----
     if cfg.mode == "topd":
-        t0 = time.time()
-        local_total = sum((topd.guide_weights(c.mask, cfg.guide_decay).sum() for _, c in guide_items),
-                          torch.zeros((), device=device))
-        guide_total = all_reduce(local_total.clone()).clamp(min=1e-9)  # L_guide's normaliser, all ranks
-        n_rounds = torch.tensor(len(guide_items), device=device)
-        if world > 1:
-            dist.all_reduce(n_rounds, op=dist.ReduceOp.MAX)
-        n_rounds = max(int(n_rounds), 1)  # at least one round: it carries the gradient synchronisation
-        g_num, g_den, g_tok = (torch.zeros((), device=device) for _ in range(3))
-        for r in range(n_rounds):
-            with (contextlib.nullcontext() if r == n_rounds - 1 or world == 1 else model.no_sync()), run.autocast(), \
-                    without_checkpointing(student, cfg.gradient_checkpointing):
-                if r < len(guide_items):
-                    s_enc, conts = guide_items[r]  # the states' cached prefixes (no grad) and the teacher's windows
-                    s_win = teacher_lib.continuation_logits(model, s_enc, conts.ids)  # (Nd, K, H, V) with grad
-                    window_kl = topd.kl_divergence(conts.logits, s_win, vocab_size=run.vocab_size,
-                                                   chunk_size=cfg.chunk_size)  # KL(teacher || student), (Nd, K, H)
-                    g_loss = topd.guide_loss(window_kl, conts.mask, cfg.guide_decay, guide_total)
-                    w = topd.guide_weights(conts.mask, cfg.guide_decay)
-                    g_num, g_den, g_tok = g_num + (window_kl.detach() * w).sum(), g_den + w.sum(), g_tok + conts.mask.sum()
-                else:  # nothing to guide on this rank this round: a zero-loss forward keeps DDP's collectives in step
-                    g_loss = model(input_ids=rollouts[0].ids[:1, :1]).logits.float().sum() * 0.0
-            (cfg.guide_weight * g_loss * world).backward()
-        stats_parts.append({"guide/loss": (g_num, g_den), "guide/tokens": (g_tok, torch.ones(()))})
-        timings["train"] += time.time() - t0
+        with clock("train"):
+            stats += guidance_phase(run, windows)
 
     # ---- 4. metrics over micro-batches and ranks, clip, step (or skip a non-finite step) ----
-    metrics = reduce_over_ranks(stats_parts, device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    metrics = topd.reduce_stats(stats, all_reduce=all_reduce if run.world > 1 else None)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.grad_clip)
     finite = math.isfinite(metrics.get("opd/loss", float("nan"))) and bool(torch.isfinite(grad_norm))
     if finite:
-        optimizer.step()
+        run.optimizer.step()
         run.bad_steps = 0
     else:  # keep the weights; the gradient of this step is thrown away
-        optimizer.zero_grad(set_to_none=True)
-        run.bad_steps += 1
-        print0(f"step {step + 1}: non-finite loss or gradient norm; step skipped, weights kept "
-               f"({run.bad_steps}/{cfg.max_bad_steps} in a row)", rank=rank)
-        if run.bad_steps >= cfg.max_bad_steps:
-            raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step + 1}: stopping. Lower --lr, "
-                               "check the data, or try --dtype float32.")
+        skip_step(run, step)
     with warnings.catch_warnings():  # a skipped step still advances the schedule: it follows the step count
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
         run.scheduler.step()
-    elapsed = time.time() - t_start
+    elapsed = time.time() - clock.start
     metrics.update({"step": step + 1, "grad_norm": float(grad_norm), "lr": run.scheduler.get_last_lr()[0],
                     "skipped": not finite, "tokens_per_s": float(num_tokens) / elapsed,
-                    **{f"time/{k}": round(v, 4) for k, v in timings.items()}, "time/step": round(elapsed, 4)})
+                    **{f"time/{k}": round(v, 4) for k, v in clock.times.items()}, "time/step": round(elapsed, 4)})
     return metrics
 
 
-def reduce_over_ranks(stats_parts: list[dict], device) -> dict:
-    """Sum every (numerator, denominator) over micro-batches and ranks, then divide (counts stay counts)."""
-    keys = sorted({k for part in stats_parts for k in part})  # the same on every rank: keys depend on the mode
-    local = torch.zeros(len(keys), 2, dtype=torch.float64, device=device)
-    for part in stats_parts:  # tensor adds on the device: no host sync per statistic
-        for i, k in enumerate(keys):
-            if k in part:
-                local[i] += torch.stack([torch.as_tensor(x, device=device).double() for x in part[k]])
-    all_reduce(local)
-    out = {k: (float(local[i, 0] / local[i, 1]) if local[i, 1] else float("nan")) for i, k in enumerate(keys)}
-    if "guide/tokens" in out:  # a count per step, not a ratio
-        out["guide/tokens"] = float(local[keys.index("guide/tokens"), 0])
-    return out
+def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generators, clock: Clock,
+              check_logp: bool):
+    """Phase A on one micro-batch: teacher scores -> student forward -> l_t -> [topd.detect] -> L_OPD(w) backward.
+    Returns (statistics, the guidance windows found here or None)."""
+    cfg = run.cfg
+    teacher_cache = sample.new_cache(run.teacher) if ro.cache is not None else None  # the probe reuses it
+    with clock("teacher"), run.autocast():
+        teacher_out = teacher_lib.score_rollouts(run.teacher, ro, cfg.kl, vocab_size=run.vocab_size,
+                                                 chunk_size=cfg.chunk_size, cache=teacher_cache)  # (b, R, V) / (b, R)
+    with clock("train"), grad_sync(run.model, sync):
+        with run.autocast():
+            s_logits = teacher_lib.response_logits(run.model, ro)  # (b, R, V) with grad
+        token_loss = topd.opd_token_loss(
+            s_logits, ro.response_ids, estimator=cfg.kl, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size,
+            teacher_logits=teacher_out if cfg.kl == "full" else None,
+            teacher_logprobs=teacher_out if cfg.kl == "sampled" else None)
+        found, detection = None, {}
+        if cfg.mode != "opd":
+            with clock("probe"), eval_mode(run.student), run.autocast():
+                d = topd.detect(run.student, run.teacher, ro, token_loss, cfg, special_ids=run.special_ids,
+                                pad_id=run.pad_id, eos_ids=run.eos_ids, vocab_size=run.vocab_size,
+                                generator=generators[0], windows_generator=generators[1], teacher_cache=teacher_cache)
+            found = d.windows
+            detection = dict(candidates=d.candidates, scores=d.scores, divergent=d.divergent,
+                             suppress_weight=cfg.suppress_weight)
+        loss, stats = topd.opd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **detection)
+        (loss * run.world).backward()  # DDP AVERAGES gradients over ranks; sum over all tokens / N needs * world
+    stats.update(rollout_stats(ro, s_logits if check_logp else None, run.vocab_size))
+    ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
+    return stats, found
+
+
+def guidance_phase(run: Run, windows: list) -> list[dict]:
+    """Phase B: lambda * L_guide over every window of the step, one backward per micro-batch's windows.
+
+    L_guide's normaliser is the total window weight of the step on all ranks, known before any backward; every
+    rank runs the same number of rounds (the most any rank has; an empty round is a zero-loss forward) so that
+    DDP's gradient collectives stay in step, and the last round synchronises."""
+    cfg = run.cfg
+    local_total = sum((topd.guide_weights(w.teacher_conts.mask, cfg.guide_decay).sum() for w in windows),
+                      torch.zeros((), device=run.device))
+    guide_total = all_reduce(local_total.clone()).clamp(min=1e-9)
+    rounds = all_reduce(torch.tensor(len(windows), device=run.device), dist.ReduceOp.MAX if run.world > 1 else None)
+    rounds = max(int(rounds), 1)  # at least one round: it carries the gradient synchronisation
+    stats = [topd.no_guidance_stats()]  # the same keys on every rank, windows or not
+    for r in range(rounds):
+        with grad_sync(run.model, r == rounds - 1), run.autocast(), \
+                without_checkpointing(run.student, cfg.gradient_checkpointing):
+            if r < len(windows):
+                window_kl = topd.guidance_kl(run.model, windows[r], vocab_size=run.vocab_size,
+                                             chunk_size=cfg.chunk_size)  # KL(teacher || student), (N, K, H)
+                loss, part = topd.guide_objective(window_kl, windows[r].teacher_conts.mask, guide_total,
+                                                  guide_weight=cfg.guide_weight, guide_decay=cfg.guide_decay)
+                stats.append(part)
+            else:  # nothing to guide on this rank this round: a zero-loss forward keeps DDP's collectives in step
+                loss = run.model(input_ids=torch.full((1, 1), run.pad_id, device=run.device)).logits.sum() * 0.0
+        (loss * run.world).backward()
+    return stats
+
+
+def rollout_stats(ro: sample.Rollouts, learner_logits=None, vocab_size=None) -> dict:
+    """Length, truncation and EOS of the rollouts; with learner_logits, the sampler-vs-learner log-prob gap (trap
+    14: ~0 unless padding, positions or dtypes differ between sampling and training)."""
+    n = torch.tensor(float(len(ro.truncated)))
+    truncated = ro.truncated.sum().float().cpu()
+    stats = {"rollout/len_mean": (ro.response_mask.sum().float(), n), "rollout/truncated_frac": (truncated, n),
+             "rollout/eos_frac": (n - truncated, n)}
+    if learner_logits is not None:
+        with torch.no_grad():
+            learner = token_logprobs(learner_logits.detach(), ro.response_ids, vocab_size=vocab_size)
+            stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
+                                              ro.response_mask.sum().float())
+    return stats
+
+
+def skip_step(run: Run, step: int) -> None:
+    """A non-finite loss or gradient norm: drop the gradient, keep the weights, stop after max_bad_steps in a row."""
+    run.optimizer.zero_grad(set_to_none=True)
+    run.bad_steps += 1
+    print0(f"step {step + 1}: non-finite loss or gradient norm; step skipped, weights kept "
+           f"({run.bad_steps}/{run.cfg.max_bad_steps} in a row)", rank=run.rank)
+    if run.bad_steps >= run.cfg.max_bad_steps:
+        raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step + 1}: stopping. Lower --lr, "
+                           "check the data, or try --dtype float32.")
 
 
 def all_gather_checksum(model, world: int) -> list[float]:
@@ -847,9 +652,8 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if metrics_path.exists():  # keep lines up to the resume point, drop a crashed run's tail (or all: fresh run)
-            kept = [l for l in metrics_path.read_text().splitlines()
-                    if cfg.resume and json.loads(l).get("step", 0) <= run.start_step]
+        if metrics_path.exists():  # keep lines up to the resume point, drop a crashed run's tail
+            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= run.start_step]
             metrics_path.write_text("".join(l + "\n" for l in kept))
 
     def log_metrics(record):
@@ -858,7 +662,7 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
                 f.write(json.dumps(record) + "\n")
 
     def evaluate(step):
-        acc = held_out_accuracy(run.student, run.tokenizer, run.eval_rows, cfg, rank, world, run.integer_range)
+        acc = held_out_accuracy(run)
         print0(f"held-out accuracy at step {step}: {acc:.1%}", rank=rank)
         log_metrics({"step": step, "eval/accuracy": acc})
         return acc
@@ -891,9 +695,10 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
             checksums = all_gather_checksum(run.student, world)
             if rank == 0:
-                save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler, cfg,
-                                {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
-                                 "bad_steps": run.bad_steps, "metrics": metrics, "param_checksums": checksums})
+                checkpoint.save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler,
+                                           cfg, {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
+                                                 "bad_steps": run.bad_steps, "metrics": metrics,
+                                                 "param_checksums": checksums})
             if dist.is_initialized():
                 dist.barrier()
     if bar is not None:

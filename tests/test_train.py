@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +163,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(fast_world, tmp_path, 
     cfg = train.TrainConfig()
     out = tmp_path / "ck"
     out.mkdir()
-    train.save_checkpoint(out, 1, model, tok, opt, sched, cfg, {})
+    checkpoint.save_checkpoint(out, 1, model, tok, opt, sched, cfg, {})
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
@@ -175,9 +176,9 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(fast_world, tmp_path, 
 
     monkeypatch.setattr(torch, "save", exploding_save)
     with pytest.raises(OSError):
-        train.save_checkpoint(out, 2, model, tok, opt, sched, cfg, {})
+        checkpoint.save_checkpoint(out, 2, model, tok, opt, sched, cfg, {})
     monkeypatch.undo()
-    latest = train.latest_checkpoint(out)
+    latest = checkpoint.latest_checkpoint(out)
     assert latest.name == "ckpt-000001" and not (out / "ckpt-000002").exists()
     reloaded = AutoModelForCausalLM.from_pretrained(latest)
     original = AutoModelForCausalLM.from_pretrained(world / "student")
@@ -223,8 +224,8 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(fast_world, tmp_path, m
                                    "--micro-batch", "4", "--max-bad-steps", "2", "--eval-every", "0"))
     run = train.setup(cfg, "cpu", log=lambda *a: None)
     before = {k: v.clone() for k, v in run.student.state_dict().items()}
-    real = topd.topd_objective
-    monkeypatch.setattr(topd, "topd_objective", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
+    real = topd.opd_objective
+    monkeypatch.setattr(topd, "opd_objective", lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(real(*a, **k)))
     metrics = train.train_step(run, 0)
     assert metrics["skipped"] and run.bad_steps == 1
     for k, v in run.student.state_dict().items():
@@ -237,7 +238,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(fast_world, tmp_path, m
 
 def _save(out, step, run_id, model, tok, opt, sched, keep=2):
     cfg = train.TrainConfig(keep_checkpoints=keep)
-    return train.save_checkpoint(out, step, model, tok, opt, sched, cfg, {"run_id": run_id})
+    return checkpoint.save_checkpoint(out, step, model, tok, opt, sched, cfg, {"run_id": run_id})
 
 
 def test_rotation_never_deletes_the_new_checkpoint_nor_another_runs(fast_world, tmp_path):
@@ -257,7 +258,7 @@ def test_rotation_never_deletes_the_new_checkpoint_nor_another_runs(fast_world, 
     for step in (1, 2, 3):
         _save(out, step, "this-run", model, tok, opt, sched)
         assert (out / f"ckpt-{step:06d}").is_dir() and (out / "latest").read_text() == f"ckpt-{step:06d}"
-        assert train.latest_checkpoint(out).name == f"ckpt-{step:06d}"
+        assert checkpoint.latest_checkpoint(out).name == f"ckpt-{step:06d}"
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-000002", "ckpt-000003", "ckpt-000300"]
 
 
@@ -306,7 +307,7 @@ def test_cuda_rng_state_is_restored_on_resume(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
     cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
-    train.restore_rng({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_states})
+    checkpoint.restore_rng({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_states})
     assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], cuda_states))
 
 

@@ -1,0 +1,125 @@
+"""
+checkpoint.py -- run folders, atomic checkpoints and exact resume for train.py.
+
+A checkpoint is an HF folder that transformers and vLLM load as is (`save_pretrained`: config.json,
+model.safetensors, the tokenizer), plus trainer_state.pt (optimizer, scheduler, step, RNG states) and meta.json (the
+run's config and id, the starting accuracy, the last metrics). The rules that keep a user's work safe:
+
+  * one run per folder: a new run in a folder that holds another is refused unless --overwrite (prepare_out);
+  * written under a temporary name, renamed, then `latest` switched by one atomic rename: a crash mid-save leaves
+    the previous checkpoint as latest;
+  * rotation deletes only this run's checkpoints older than the one just written (save_checkpoint);
+  * --resume refuses a run whose flags differ from the checkpoint's, except the few that cannot change the
+    trajectory of the weights (resume_differences), and restores every RNG state (restore_rng).
+
+    python -c "import checkpoint, pathlib; print(checkpoint.latest_checkpoint(pathlib.Path('runs/topd-probe')))"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+
+# Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
+# trajectory of the weights. Any other difference (--steps, --lr, ...) would silently change the schedule or the
+# method half-way, so resume refuses it.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
+                     "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
+                     "gradient_checkpointing"}
+
+
+def resume_differences(saved: dict, cfg) -> list[str]:
+    """The flags whose value differs from the checkpoint's config, as '--flag saved -> now' strings."""
+    now = dataclasses.asdict(cfg)
+    return [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != now[k]]
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def prepare_out(out: Path, cfg, rank: int) -> None:
+    """Make sure a run never silently mixes with another run's files in the same --out.
+
+    A fresh run in a folder that already holds a run (a `latest` pointer, checkpoints or metrics) is refused unless
+    --overwrite (delete them first) or --resume (continue that run) is given; --resume with nothing to resume is
+    refused too, naming the folder. Called before any model is loaded, so a refusal costs nothing.
+    """
+    held = [p for p in (out / "latest", out / "metrics.jsonl") if p.exists()] + sorted(out.glob("ckpt-*"))
+    if cfg.resume:
+        if not (out / "latest").exists():
+            raise FileNotFoundError(f"--resume: {out} holds no checkpoint to resume from (no {out / 'latest'})")
+        return
+    if held and not cfg.overwrite:
+        raise FileExistsError(
+            f"{out} already holds a run ({', '.join(p.name for p in held[:4])}{' ...' if len(held) > 4 else ''}): "
+            "pass --resume to continue it, --overwrite to delete it and start afresh, or another --out")
+    if held and rank == 0:
+        for p in held + sorted(out.glob(".tmp-ckpt-*")) + [out / "results.json"]:
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+
+
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, extra: dict):
+    """Write out/ckpt-{step}, switch out/latest to it, then delete this run's checkpoints older than it beyond
+    cfg.keep_checkpoints. extra["run_id"] names the run; rotation never touches another run's checkpoints, nor
+    one newer than the checkpoint just written."""
+    final = out / f"ckpt-{step:06d}"
+    tmp = out / f".tmp-ckpt-{step:06d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)  # safetensors + config.json + generation_config.json
+    tokenizer.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "bad_steps": extra.get("bad_steps", 0)}, tmp / "trainer_state.pt")
+    (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg), **extra}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)  # a directory rename: the checkpoint appears complete or not at all
+    pointer = out / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, out / "latest")  # the switch of "latest" is one atomic rename
+    older = sorted(p for p in out.glob("ckpt-*") if p.is_dir() and p.name < final.name
+                   and checkpoint_run_id(p) == extra.get("run_id"))
+    for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:  # keep_checkpoints counts `final` too
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The run a checkpoint belongs to (meta.json's run_id), or None when it has none or cannot be read."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def latest_checkpoint(out: Path) -> Path:
+    pointer = out / "latest"
+    if not pointer.exists():
+        raise FileNotFoundError(f"{out} holds no checkpoint (no {pointer})")
+    path = out / pointer.read_text().strip()
+    if not (path / "trainer_state.pt").exists():
+        raise RuntimeError(f"{pointer} points to {path}, which has no trainer_state.pt")
+    return path
+
+
+def restore_rng(state: dict) -> None:
+    """The global RNG states saved with a checkpoint: CPU always, CUDA when both the checkpoint and this machine
+    have it (sampling itself uses seeded generators, but dropout and any library code use the global ones)."""
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
