@@ -351,9 +351,8 @@ def make_run(world: Path, mode: str, detector: str, horizon: int, device: torch.
     toy's training defaults (toy.TRAIN_DEFAULTS). A fresh TrainConfig every time: train.setup writes resolved paths
     into the config it is given. ignore_eos: rollouts always run to --max-new-tokens (every variant then trains on
     the same number of tokens); a benchmark-only setting, so it is set on the Run, not a flag of train.py."""
-    toy_flags = [x for k, v in toy.TRAIN_DEFAULTS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     argv = ["--student", str(world / "student"), "--teacher", str(world / "teacher"),
-            "--prompts", str(world / "train.jsonl"), *toy_flags, "--mode", mode, "--detector", detector,
+            "--prompts", str(world / "train.jsonl"), *toy.train_flags(), "--mode", mode, "--detector", detector,
             "--horizon", str(horizon), "--seed", str(seed), "--device", device.type, "--no-self-check",
             "--out", tempfile.mkdtemp(prefix="bench-unused-"), *map(str, extra)]
     run = train.setup(train.parse_config(argv), device.type, log=lambda *a: None)

@@ -33,10 +33,11 @@ task and AIME are graded by identical code.
 
 Data
 ----
-- offline copies: shared/data/aime24.jsonl and shared/data/aime25.jsonl ({"id", "problem", "answer"} per line),
-  read with load_problems(path).
-- or the public Hugging Face datasets the field uses, read with load_hub_dataset(name):
-  Maxwell-Jia/AIME_2024, HuggingFaceH4/aime_2024 (AIME 2024) and math-ai/aime25 (AIME 2025).
+- shipped with the repository, offline: data/aime24.jsonl and data/aime25.jsonl ({"id", "problem", "answer"} per
+  line; provenance and licence in data/README.md), read with load_problems(path); `--data aime24` / `aime25`
+  name these files.
+- or any public Hugging Face dataset, read with load_hub_dataset(name): e.g. Maxwell-Jia/AIME_2024,
+  HuggingFaceH4/aime_2024 (AIME 2024) and math-ai/aime25 (AIME 2025).
 
 Try it (CPU, no model needed)
 -----------------------------
@@ -400,7 +401,9 @@ def load_hub_dataset(name: str, split: str | None = None) -> list[dict]:
 # -----------------------------------------------------------------------------
 # generation and grading (sample.py's loop: the same explicit sampling settings as training rollouts)
 
-DATASETS = {"aime24": "Maxwell-Jia/AIME_2024", "aime25": "math-ai/aime25"}  # --data shortcuts (the paper's)
+# --data shortcuts: the offline copies shipped in data/ (no network needed; see data/README.md for provenance)
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DATASETS = {"aime24": str(DATA_DIR / "aime24.jsonl"), "aime25": str(DATA_DIR / "aime25.jsonl")}
 
 
 def build_prompt(problem: str, instruction: bool) -> str:
@@ -479,7 +482,7 @@ def main(argv=None):
 
     p = argparse.ArgumentParser(description="AIME-style evaluation: avg@k, pass@k, every generation audited")
     p.add_argument("--model", required=True, help="checkpoint folder (train.py writes them) or hub id")
-    p.add_argument("--data", default="aime24", help="a JSONL file, or aime24 / aime25 / a hub dataset name")
+    p.add_argument("--data", default="aime24", help="a JSONL file, aime24 / aime25 (the copies in data/), or a hub dataset name")
     p.add_argument("--split", default=None, help="hub datasets: keep data files whose path contains this")
     p.add_argument("--k", type=int, default=8, help="samples per problem (avg@k over k >= 8 is the norm)")
     p.add_argument("--temperature", type=float, default=0.6)
@@ -501,12 +504,13 @@ def main(argv=None):
         p.error("--k must be >= 1")
     dtype = {"auto": torch.bfloat16 if args.device.startswith("cuda") else torch.float32, "float32": torch.float32,
              "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    args.data = DATASETS.get(args.data, args.data)
     if Path(args.data).suffix == ".jsonl" or Path(args.data).exists():
         if not Path(args.data).exists():
             p.error(f"--data {args.data}: file not found")
         problems = load_problems(args.data)
     else:
-        problems = load_hub_dataset(DATASETS.get(args.data, args.data), args.split)
+        problems = load_hub_dataset(args.data, args.split)
     model, tokenizer = load_policy(args.model, args.device, dtype)
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                               max_new_tokens=args.max_new_tokens)

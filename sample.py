@@ -3,7 +3,7 @@ sample.py -- student trajectories: loading a policy, encoding prompts, sampling 
 
 On-policy distillation is only on-policy if the tokens really come from the student. This file owns everything
 between "a list of prompts" and "the exact token ids the student sampled", and gets right what published OPD code
-often gets wrong (see ../shared/OPD_TRAPS.md):
+often gets wrong (docs/traps.md lists them, with the tests that pin each):
 
   * sampling settings are passed explicitly on every call: we run our own KV-cached decoding loop, so a checkpoint's
     generation_config.json (Qwen ships top_k=20, top_p=0.8, temperature=0.7) can never silently change them (trap 2);

@@ -485,6 +485,12 @@ TRAIN_DEFAULTS = {
 }
 
 
+def train_flags() -> list[str]:
+    """TRAIN_DEFAULTS as train.py flags, for runs that name the toy's models explicitly (--student ...) and so do
+    not get the toy's values by default (bench.py, the tests)."""
+    return [x for k, v in TRAIN_DEFAULTS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+
+
 def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
     """The one call train.py makes for the toy world: build it into `world` if it is missing (rank 0, with every
     core: torchrun gives each process one thread), the other ranks wait; returns the paths train.py needs.

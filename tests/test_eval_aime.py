@@ -244,7 +244,7 @@ def test_avg_at_k():
 # -----------------------------------------------------------------------------
 # loading
 
-# Real rows copied from shared/data/aime24.jsonl and aime25.jsonl (so the test does not depend on that path).
+# Real rows copied from data/aime24.jsonl and data/aime25.jsonl (kept inline so that these tests read as examples).
 REAL_ROWS = [
     {"id": "2024-I-2", "problem": "There exist real numbers $x$ and $y$, both greater than 1, such that "
      "$$\\log_x(y^x) = \\log_y(x^{4y}) = 10.$$ Find $xy$.", "answer": "25",
@@ -361,12 +361,13 @@ def _tiny_bytelevel_checkpoint(path, texts):
 
 
 def test_cli_end_to_end_on_aime24_with_a_tiny_model(tmp_path):
-    data = Path(__file__).resolve().parent / "data" / "aime24.jsonl"
-    problems = load_problems(str(data))
+    from eval_aime import DATASETS
+    data = DATASETS["aime24"]  # the repository's own offline copy, data/aime24.jsonl
+    problems = load_problems(data)
     _tiny_bytelevel_checkpoint(tmp_path / "model", [p["problem"] for p in problems] + [INSTRUCTION])
     out = tmp_path / "eval"
     from eval_aime import main
-    result = main(["--model", str(tmp_path / "model"), "--data", str(data), "--k", "2", "--max-new-tokens", "16",
+    result = main(["--model", str(tmp_path / "model"), "--data", "aime24", "--k", "2", "--max-new-tokens", "16",
                    "--batch-size", "16", "--device", "cpu", "--out", str(out)])
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(problems) == 30 and len(gens) == 60

@@ -16,8 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(world, out, *extra):
+    """train.py flags for the toy world's models named explicitly, with the toy's training values."""
+    import toy
     return ["--student", str(world / "student"), "--teacher", str(world / "teacher"),
-            "--prompts", str(world / "train.jsonl"), "--out", str(out), *extra]
+            "--prompts", str(world / "train.jsonl"), *toy.train_flags(), "--out", str(out), *extra]
 
 
 def _run(args, nproc=None, timeout=600):
