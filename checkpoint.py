@@ -24,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 # Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
@@ -123,3 +124,17 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch_rng"].cpu())
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+
+def all_gather_checksum(model, world: int) -> list[float]:
+    """Sum of all parameters on every rank: DDP ranks must hold identical weights; a mismatch is a desync bug."""
+    local = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64,
+                         device=next(model.parameters()).device)
+    if world == 1:
+        return [float(local)]
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    sums = [float(g) for g in gathered]
+    if len(set(sums)) != 1:
+        raise RuntimeError(f"ranks hold different weights (parameter sums {sums}): DDP desynchronised")
+    return sums

@@ -28,6 +28,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -62,6 +63,17 @@ def quiet_progress_bars() -> None:
     if not sys.stderr.isatty():
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Sampling and probing with dropout off (trap 6), back to train() afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def make_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
@@ -375,7 +387,8 @@ class EncodedPrefixes:
         cache = copy.deepcopy(self.cache)
         if self.attention_mask.shape[1]:
             cache.batch_select_indices(index)
-        return EncodedPrefixes(cache, self.attention_mask[index], self.last_token[index], self.last_position[index])
+        return EncodedPrefixes(cache=cache, attention_mask=self.attention_mask[index],
+                               last_token=self.last_token[index], last_position=self.last_position[index])
 
     def __len__(self) -> int:
         return len(self.last_token)
@@ -437,7 +450,8 @@ def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch
     start = P - rollouts.prompt_lens[rows]  # first real (non-pad) column of each row
     mask = ((cols[None, :] >= start[:, None]) & (cols[None, :] < (P + ts - 1)[:, None])).long()  # (N, W)
     last = rollouts.ids[rows, P + ts - 1]
-    return EncodedPrefixes(cut, mask, last, rollouts.prompt_lens[rows] + ts - 1)
+    return EncodedPrefixes(cache=cut, attention_mask=mask, last_token=last,
+                           last_position=rollouts.prompt_lens[rows] + ts - 1)
 
 
 @torch.no_grad()
@@ -451,7 +465,7 @@ def encode_prefixes(model, prefixes, pad_id: int) -> EncodedPrefixes:
     if ids.shape[1]:
         model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)
     last = torch.stack([p[-1] for p in prefixes]).to(device)
-    return EncodedPrefixes(cache, mask, last, mask.sum(-1))
+    return EncodedPrefixes(cache=cache, attention_mask=mask, last_token=last, last_position=mask.sum(-1))
 
 
 @dataclass
@@ -470,8 +484,8 @@ class Continuations:
 
     def select(self, index: torch.Tensor) -> "Continuations":
         """The continuations of the states `index` (1-D long)."""
-        return Continuations(self.ids[index], self.mask[index], self.logprobs[index],
-                             None if self.logits is None else self.logits[index])
+        return Continuations(ids=self.ids[index], mask=self.mask[index], logprobs=self.logprobs[index],
+                             logits=None if self.logits is None else self.logits[index])
 
 
 @torch.no_grad()
@@ -491,8 +505,8 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
     # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
     shape = (len(prefixes), k, tokens.shape[1])
-    return Continuations(tokens.view(shape), valid.view(shape), (logps * valid).view(shape),
-                         None if logits is None else logits.view(shape + logits.shape[-1:]))
+    return Continuations(ids=tokens.view(shape), mask=valid.view(shape), logprobs=(logps * valid).view(shape),
+                         logits=None if logits is None else logits.view(shape + logits.shape[-1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

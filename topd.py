@@ -130,14 +130,15 @@ def opd_token_loss(student_logits: torch.Tensor, ids: torch.Tensor, *, estimator
             raise ValueError("estimator='full' needs teacher_logits")
         kl, entropy = per_token_kl(student_logits, teacher_logits, vocab_size=vocab_size, chunk_size=chunk_size,
                                    return_entropy=True)  # (B, T), (B, T)
-        return TokenLoss(kl.detach(), kl, entropy)
+        return TokenLoss(loss=kl.detach(), surrogate=kl, entropy=entropy)
     if estimator == "sampled":
         if teacher_logprobs is None:
             raise ValueError("estimator='sampled' needs teacher_logprobs")
         student_logp, entropy = token_logprobs(student_logits, ids, vocab_size=vocab_size, chunk_size=chunk_size,
                                                return_entropy=True)  # (B, T), (B, T)
         reward_free_loss = student_logp.detach() - teacher_logprobs.detach().float()  # l_t, no grad
-        return TokenLoss(reward_free_loss, reward_free_loss * student_logp, entropy)  # sg(l_t) * log pi_theta(y_t)
+        return TokenLoss(loss=reward_free_loss, surrogate=reward_free_loss * student_logp,  # sg(l_t) * log pi(y_t)
+                         entropy=entropy)
     raise ValueError(f"unknown estimator {estimator!r}: expected 'full' or 'sampled'")
 
 
@@ -479,7 +480,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
                                   horizon=cfg.horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
                                   generator=windows_generator or generator, probe=probe,
                                   teacher_cache=teacher_cache)
-    return Detection(candidates, scores, divergent, windows)
+    return Detection(candidates=candidates, scores=scores, divergent=divergent, windows=windows)
 
 
 @dataclass
@@ -516,7 +517,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     if len(where) == 0:
-        return Probe(scores)
+        return Probe(scores=scores)
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
     probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
     s_enc = state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id)
@@ -530,7 +531,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
     mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (N, K)
     scores[where[:, 0], where[:, 1]] = margin_w1(mu_teacher, mu_student)
-    return Probe(scores, s_enc, t_conts)
+    return Probe(scores=scores, student_prefixes=s_enc, teacher_conts=t_conts)
 
 
 @torch.no_grad()
@@ -546,13 +547,15 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
     if len(picked) == 0:
         return None
     if probe is not None and probe.teacher_conts is not None:
-        return Windows(probe.student_prefixes.select(picked), probe.teacher_conts.select(picked))
+        return Windows(student_prefixes=probe.student_prefixes.select(picked),
+                       teacher_conts=probe.teacher_conts.select(picked))
     rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
     t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, k, horizon,
                                         sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
                                         eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_logits=True)
-    return Windows(state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id), conts)
+    return Windows(student_prefixes=state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id),
+                   teacher_conts=conts)
 
 
 def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,

@@ -122,7 +122,7 @@ def make_problem(rng: random.Random, max_value: int = 99, max_operands: int = 3)
             op = "+"
         acc = acc + b if op == "+" else acc - b
         ops.append(op)
-    return Problem(operands, ops)
+    return Problem(operands=operands, ops=ops)
 
 
 def response_pieces(problem: Problem, rng: random.Random, *, sep_style: str, other_sep_rate: float = 0.0,
@@ -179,7 +179,7 @@ def parse_prompt(prompt: str) -> Problem:
         else:
             cur += ch
     operands.append(int(cur[::-1]))
-    return Problem(operands, ops)
+    return Problem(operands=operands, ops=ops)
 
 
 def label_tokens(problem: Problem, tokens: list[str]):
@@ -393,7 +393,7 @@ def world_data(cfg: ToyConfig) -> WorldData:
                 out.append(p)
         return out
     train = draw(cfg.num_train_prompts)
-    return WorldData(test, train, draw(cfg.student_pool))
+    return WorldData(test=test, train=train, pool=draw(cfg.student_pool))
 
 
 def build_teacher(cfg: ToyConfig, data: WorldData):

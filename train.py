@@ -214,17 +214,6 @@ def without_checkpointing(model, enabled: bool):
             set_checkpointing(model, True)
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Sampling and probing with dropout off (trap 6), back to train() afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
 class Clock:
     """Wall time per phase of a step; time spent in a nested phase is not counted in the enclosing one."""
 
@@ -414,7 +403,7 @@ def teacher_self_check(run: Run, log) -> None:
     cfg = run.cfg
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
                                      vocab_size=run.vocab_size)
-    with torch.no_grad(), eval_mode(run.student), run.autocast():
+    with torch.no_grad(), sample.eval_mode(run.student), run.autocast():
         ro = sample.sample_rollouts(run.student, run.prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
                                     eos_ids=run.eos_ids, generator=sample.make_generator(cfg.seed, -1, run.rank))
     r = teacher_lib.self_check(run.teacher, ro, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size)
@@ -430,7 +419,7 @@ def held_out_accuracy(run: Run) -> float:
     cfg = run.cfg
     sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                      vocab_size=run.vocab_size)
-    with eval_mode(run.student):
+    with sample.eval_mode(run.student):
         _, records = evaluate(run.student, run.tokenizer, run.eval_rows, k=1, sampling=sampling, seed=cfg.seed,
                               batch_size=250, instruction=cfg.instruction, chat_template=cfg.chat_template,
                               enable_thinking=None if not cfg.enable_thinking else cfg.enable_thinking == "true",
@@ -460,7 +449,7 @@ def train_step(run: Run, step: int) -> dict:
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                                      vocab_size=run.vocab_size)
-    with clock("sample"), torch.no_grad(), eval_mode(run.student), run.autocast():
+    with clock("sample"), torch.no_grad(), sample.eval_mode(run.student), run.autocast():
         rollouts = [sample.sample_rollouts(run.student, [run.prompt_ids[i] for i in indices[rows]],
                                            sampling=sampling, pad_id=run.pad_id, eos_ids=run.eos_ids,
                                            generator=generator(j, 0), keep_cache=keep_caches)
@@ -521,7 +510,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
             teacher_logprobs=teacher_out if cfg.kl == "sampled" else None)
         found, detection = None, {}
         if cfg.mode != "opd":
-            with clock("probe"), eval_mode(run.student), run.autocast():
+            with clock("probe"), sample.eval_mode(run.student), run.autocast():
                 d = topd.detect(run.student, run.teacher, ro, token_loss, cfg, special_ids=run.special_ids,
                                 pad_id=run.pad_id, eos_ids=run.eos_ids, vocab_size=run.vocab_size,
                                 generator=generators[0], windows_generator=generators[1], teacher_cache=teacher_cache)
@@ -587,20 +576,6 @@ def skip_step(run: Run, step: int) -> None:
     if run.bad_steps >= run.cfg.max_bad_steps:
         raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step + 1}: stopping. Lower --lr, "
                            "check the data, or try --dtype float32.")
-
-
-def all_gather_checksum(model, world: int) -> list[float]:
-    """Sum of all parameters on every rank: DDP ranks must hold identical weights; a mismatch is a desync bug."""
-    local = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64,
-                         device=next(model.parameters()).device)
-    if world == 1:
-        return [float(local)]
-    gathered = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    sums = [float(g) for g in gathered]
-    if len(set(sums)) != 1:
-        raise RuntimeError(f"ranks hold different weights (parameter sums {sums}): DDP desynchronised")
-    return sums
 
 
 class TruncationWatch:
@@ -693,7 +668,7 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
         if run.eval_rows and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
             evaluate(step + 1)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
-            checksums = all_gather_checksum(run.student, world)
+            checksums = checkpoint.all_gather_checksum(run.student, world)
             if rank == 0:
                 checkpoint.save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler,
                                            cfg, {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
