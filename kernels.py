@@ -17,6 +17,7 @@ theirs. It knows nothing about TOPD; topd.py is where the method lives.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -194,7 +195,7 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int |
     """log pi(ids[..., t] | s_t) in fp32, differentiable, O(chunk x V) extra memory (and, with return_entropy,
     the distribution's entropy per position, detached: the `entropy` diagnostic of the `sampled` estimator).
 
-    logits: (..., V) -- ALREADY ALIGNED with ids: logits[..., t, :] is the distribution that produced ids[..., t].
+    logits: (..., V) logits, or a Head (the fused path: no (..., V) tensor is ever built) -- ALREADY ALIGNED with ids: logits[..., t, :] is the distribution that produced ids[..., t].
     For a causal LM over a sequence x this means logits[:, :-1] against x[:, 1:] (OPD trap 1); the callers in
     sample.py / teacher.py do that shift once, with a worked example, so nothing here shifts anything.
     Returns (...) fp32.
@@ -204,8 +205,13 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int |
     width = _shared_vocab(logits, vocab_size=vocab_size)
     if ids.numel() and int(ids.max()) >= width:
         raise ValueError(f"token id {int(ids.max())} is outside the vocabulary of size {width}")
-    flat = logits[..., :width].reshape(-1, width)  # (M, V); a view when no slicing is needed
-    out, entropy = _ChunkedTokenLogprob.apply(flat, ids.reshape(-1), chunk_size, return_entropy)  # (M,), (M,)
+    if isinstance(logits, Head):  # fused: the logits exist one chunk at a time (see Head)
+        head = logits.flat()
+        out, entropy = _HeadTokenLogprob.apply(head.hidden, head.weight, ids.reshape(-1), (head.scale, head.softcap),
+                                               width, chunk_size, return_entropy)
+    else:
+        flat = logits[..., :width].reshape(-1, width)  # (M, V); a view when no slicing is needed
+        out, entropy = _ChunkedTokenLogprob.apply(flat, ids.reshape(-1), chunk_size, return_entropy)  # (M,), (M,)
     return (out.view(ids.shape), entropy.view(ids.shape)) if return_entropy else out.view(ids.shape)
 
 
@@ -214,13 +220,174 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, *, vocab_size:
     """Exact KL(softmax(p_logits) || softmax(q_logits)) per position, fp32, gradients to both inputs.
 
     p_logits, q_logits: (..., V) and (..., V'), the same leading shape; the vocab is sliced to the shared size.
+    Either both logits tensors or both Heads (the fused path, with gradients to hidden states and head weights).
     Returns (...) fp32 (and the entropy of p, detached, when return_entropy).
     """
     if p_logits.shape[:-1] != q_logits.shape[:-1]:
         raise ValueError(f"logit shapes differ before the vocab dim: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
     width = _shared_vocab(p_logits, q_logits, vocab_size=vocab_size)
     lead = p_logits.shape[:-1]
+    if isinstance(p_logits, Head) != isinstance(q_logits, Head):
+        raise TypeError("kl_divergence takes two logits tensors or two Heads, not one of each")
+    if isinstance(p_logits, Head):
+        a, b = p_logits.flat(), q_logits.flat()
+        kl, entropy = _HeadKL.apply(a.hidden, a.weight, b.hidden, b.weight, (a.scale, a.softcap),
+                                    (b.scale, b.softcap), width, chunk_size)
+        return (kl.view(lead), entropy.view(lead)) if return_entropy else kl.view(lead)
     a = p_logits[..., :width].reshape(-1, width)  # (M, V)
     b = q_logits[..., :width].reshape(-1, width)
     kl, entropy = _ChunkedKL.apply(a, b, chunk_size)
     return (kl.view(lead), entropy.view(lead)) if return_entropy else kl.view(lead)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused head-and-loss: the same two quantities from final hidden states, without any (positions, V) logits tensor
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Head:
+    """A model's next-token logits, never materialised: logits = softcap(scale * hidden @ weight[:V].T).
+
+    hidden   (..., d) final hidden states (after the model's last norm), in the model's dtype, with grad or not
+    weight   (V_model, d) the LM head's weight (the embedding matrix when the embeddings are tied)
+    scale    multiplies the logits (Cohere's logit_scale, Granite's 1 / logits_scaling; 1 for most models)
+    softcap  cap * tanh(z / cap) applied last (Gemma 2's final_logit_softcapping), or None
+
+    The kernels below take a Head wherever they take logits: they compute the logits of `chunk` positions at a time
+    in fp32, use them, and drop them; backward recomputes them and returns gradients for `hidden` and `weight`. This
+    is the technique of fused linear cross-entropy kernels, in plain torch. At Qwen's 151,936-column vocabulary an
+    8k-token rollout's logits are 2.5 GB in bf16 (plus as much for their gradient); its hidden states are 40 MB.
+    """
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def shape(self):  # the leading shape and the model's vocabulary width, like a logits tensor's
+        return torch.Size(self.hidden.shape[:-1] + self.weight.shape[:1])
+
+    def flat(self) -> "Head":
+        return Head(self.hidden.reshape(-1, self.hidden.shape[-1]), self.weight, self.scale, self.softcap)
+
+    def select(self, index) -> "Head":
+        return Head(self.hidden[index], self.weight, self.scale, self.softcap)
+
+    def logits(self, rows=slice(None), width: int | None = None) -> torch.Tensor:
+        """fp32 logits of hidden[rows] over the first `width` columns, (c, width); the pre-cap values are not kept."""
+        return _head_logits(self.hidden[rows], self.weight, width or self.weight.shape[0], self.scale,
+                            self.softcap)[0]
+
+
+def _matmul_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (c, d) @ w (V, d).T in fp32, whatever the operands' dtypes: bf16 logits at |z| of 16-32 are off by 0.125,
+    the size of error the fp32 rule exists to avoid. On CUDA a half-precision matmul can write fp32 directly;
+    elsewhere the operands are upcast (x is one chunk; w is upcast once per chunk, a cost only for bf16 models)."""
+    with torch.autocast(x.device.type, enabled=False):  # called under the student's bf16 autocast: stay in fp32
+        if x.dtype == w.dtype == torch.float32:
+            return x @ w.T
+        if x.is_cuda and x.dtype == w.dtype:
+            try:
+                return torch.mm(x, w.T, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):
+                pass
+        return x.float() @ w.float().T
+
+
+def _head_logits(x, w, width, scale, softcap):
+    """(fp32 logits (c, width), the pre-cap logits or None): scale, then the soft-cap."""
+    z = _matmul_fp32(x, w[:width])
+    if scale != 1.0:
+        z = z * scale
+    if softcap is None:
+        return z, None
+    return torch.tanh(z / softcap) * softcap, z
+
+
+def _head_backward(dz, pre, x, w, width, scale, softcap, need_x, need_w, grad_x, grad_w, rows):
+    """Chain d loss / d logits (c, width) fp32 through soft-cap and scale into hidden[rows] and weight[:width]."""
+    if softcap is not None:
+        dz = dz * (1 - torch.tanh(pre / softcap) ** 2)  # d/dz cap * tanh(z / cap) = 1 - tanh^2
+    if scale != 1.0:
+        dz = dz * scale
+    if need_x:
+        grad_x[rows] = (dz @ w[:width].to(dz.dtype)).to(grad_x.dtype)  # (c, d)
+    if need_w:
+        grad_w[:width] += dz.T @ x.to(dz.dtype)  # (width, d), accumulated in fp32 over chunks
+
+
+class _HeadKL(torch.autograd.Function):
+    """KL(softmax(a) || softmax(b)) per position for two Heads; the logits exist one chunk of positions at a time.
+
+    Same gradients as _ChunkedKL (d kl / d z_a = p (log p - log q - kl), d kl / d z_b = q - p), chained into each
+    side's hidden states and weight. Saved for backward: the inputs themselves and one number per position."""
+
+    @staticmethod
+    def forward(ctx, xa, wa, xb, wb, spec_a, spec_b, width, chunk_size):
+        kl = torch.empty(xa.shape[0], dtype=torch.float32, device=xa.device)
+        entropy = torch.empty_like(kl)
+        for rows in _position_chunks(xa.shape[0], chunk_size):
+            logp = torch.log_softmax(_head_logits(xa[rows], wa, width, *spec_a)[0], -1)  # (c, V) fp32
+            logq = torch.log_softmax(_head_logits(xb[rows], wb, width, *spec_b)[0], -1)
+            p = logp.exp()
+            p_logp = torch.linalg.vecdot(p, logp)
+            kl[rows], entropy[rows] = p_logp - torch.linalg.vecdot(p, logq), -p_logp
+        ctx.save_for_backward(xa, wa, xb, wb, kl)
+        ctx.specs, ctx.width, ctx.chunk_size = (spec_a, spec_b), width, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return kl, entropy
+
+    @staticmethod
+    def backward(ctx, grad_kl, _grad_entropy):
+        xa, wa, xb, wb, kl = ctx.saved_tensors
+        (spec_a, spec_b), width = ctx.specs, ctx.width
+        need = ctx.needs_input_grad[:4]
+        grads = [torch.zeros_like(t, dtype=torch.float32) if n else None for t, n in zip((xa, wa, xb, wb), need)]
+        for rows in _position_chunks(xa.shape[0], ctx.chunk_size):
+            g = grad_kl[rows].float().unsqueeze(-1)  # (c, 1)
+            za, pre_a = _head_logits(xa[rows], wa, width, *spec_a)
+            zb, pre_b = _head_logits(xb[rows], wb, width, *spec_b)
+            logp, logq = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+            p = logp.exp()
+            if need[0] or need[1]:
+                dz = g * p * (logp - logq - kl[rows, None])
+                _head_backward(dz, pre_a, xa[rows], wa, width, *spec_a, need[0], need[1], grads[0], grads[1], rows)
+            if need[2] or need[3]:
+                dz = g * (logq.exp() - p)
+                _head_backward(dz, pre_b, xb[rows], wb, width, *spec_b, need[2], need[3], grads[2], grads[3], rows)
+        out = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, (xa, wa, xb, wb))]
+        return (*out, None, None, None, None)
+
+
+class _HeadTokenLogprob(torch.autograd.Function):
+    """log softmax(head logits)[id] per position (and the entropy, detached), chunked like _HeadKL.
+    Backward: d logp(y) / d z_v = 1[v == y] - softmax(z)_v, chained into hidden and weight."""
+
+    @staticmethod
+    def forward(ctx, x, w, ids, spec, width, chunk_size, with_entropy):
+        out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+        entropy = torch.full_like(out, math.nan)
+        for rows in _position_chunks(x.shape[0], chunk_size):
+            logp = torch.log_softmax(_head_logits(x[rows], w, width, *spec)[0], -1)  # (c, V)
+            out[rows] = logp.gather(-1, ids[rows, None]).squeeze(-1)
+            if with_entropy:
+                entropy[rows] = -torch.linalg.vecdot(logp.exp(), logp)
+        ctx.save_for_backward(x, w, ids)
+        ctx.spec, ctx.width, ctx.chunk_size = spec, width, chunk_size
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_entropy):
+        x, w, ids = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        grad_x = torch.zeros_like(x, dtype=torch.float32) if need_x else None
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None
+        for rows in _position_chunks(x.shape[0], ctx.chunk_size):
+            z, pre = _head_logits(x[rows], w, ctx.width, *ctx.spec)
+            dz = -torch.softmax(z, -1)  # (c, V)
+            dz.scatter_add_(-1, ids[rows, None], torch.ones_like(dz[:, :1]))  # + one-hot(y)
+            dz.mul_(grad_out[rows].float().unsqueeze(-1))
+            _head_backward(dz, pre, x[rows], w, ctx.width, *ctx.spec, need_x, need_w, grad_x, grad_w, rows)
+        return (None if grad_x is None else grad_x.to(x.dtype), None if grad_w is None else grad_w.to(w.dtype),
+                None, None, None, None, None)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import token_logprobs
+from kernels import Head, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +239,43 @@ def model_step(model, ids, attention_mask, position_ids, cache, logits_to_keep: 
                  logits_to_keep=logits_to_keep, **{cache_kwarg(model): cache}).logits
 
 
+def head_of(model, hidden: torch.Tensor) -> Head:
+    """The fused-loss view of a model's next-token logits at `hidden` (the LM head's input): kernels.Head with the
+    head's weight (the embedding matrix when tied) and the final logit transform of the model's family.
+
+    Families that transform the head's output: Gemma 2/3 soft-cap it (config.final_logit_softcapping), Cohere
+    multiplies by logit_scale, Granite divides by config.logits_scaling. An unknown transform would make the fused
+    logits differ from the model's own; teacher.self_check compares the two at the start of every run.
+    """
+    inner = getattr(model, "module", model)  # a DDP wrapper's module
+    config = inner.config
+    scale = float(getattr(inner, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
+    return Head(hidden, inner.get_output_embeddings().weight, scale, getattr(config, "final_logit_softcapping", None))
+
+
+@contextlib.contextmanager
+def hidden_states_out(model):
+    """Within this block, model(...).logits holds the final hidden states (what the LM head would read) instead of
+    logits: the head is swapped for an identity and the family's logit transform switched off, so no (B, T, V)
+    tensor is ever computed. Yields head_of(model, .) to turn those hidden states into a kernels.Head. The head's
+    weight is untouched (tied embeddings stay tied) and everything is restored on exit, errors included."""
+    inner = getattr(model, "module", model)
+    head, config = inner.get_output_embeddings(), inner.config
+    switched = [(obj, name, getattr(obj, name)) for obj, name in ((config, "final_logit_softcapping"),
+                                                                   (inner, "logit_scale"), (config, "logits_scaling"))
+                if getattr(obj, name, None) is not None]
+    spec = head_of(model, torch.zeros(0))  # weight, scale and soft-cap, read before anything is switched off
+    inner.set_output_embeddings(torch.nn.Identity())
+    for obj, name, _ in switched:
+        setattr(obj, name, None if name == "final_logit_softcapping" else 1.0)
+    try:
+        yield lambda hidden: Head(hidden, spec.weight, spec.scale, spec.softcap)
+    finally:
+        inner.set_output_embeddings(head)
+        for obj, name, value in switched:
+            setattr(obj, name, value)
+
+
 def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """Raw logits (N, V) -> fp32 logits of the distribution we actually sample from, (N, cfg.vocab_size or V).
 
@@ -273,23 +310,20 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator)
 
 
 @torch.no_grad()
-def _decode(model, cache, first_logits, attention_mask, next_position, num_steps, cfg, generator, eos_ids, pad_id,
-            keep_logits: bool = False):
+def _decode(model, cache, first_logits, attention_mask, next_position, num_steps, cfg, generator, eos_ids, pad_id):
     """KV-cached sampling of up to num_steps tokens after a prefilled cache.
 
     first_logits (N, V) predict the first new token; attention_mask (N, W) covers what is in the cache;
     next_position (N,) is the position id of the first new token. Returns tokens (N, S), their sampler log-probs
     (N, S), the valid mask (N, S): 1 up to and including the first EOS, 0 after (rows that finished keep being fed
-    `pad_id`, which nothing ever attends to through the mask), and, with keep_logits, the raw model logits that
-    produced each token (N, S, V) (else None). S <= num_steps: decoding stops early once every row has ended.
+    `pad_id`, which nothing ever attends to through the mask). S <= num_steps: decoding stops early once every row
+    has ended.
     """
     eos = torch.as_tensor(eos_ids, device=first_logits.device)
     done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=first_logits.device)
-    tokens, logps, valid, kept = [], [], [], []
+    tokens, logps, valid = [], [], []
     logits = first_logits
     for step in range(num_steps):
-        if keep_logits:
-            kept.append(logits)
         token, logp = _draw(logits, cfg, generator)  # (N,), (N,)
         token = torch.where(done, pad_id, token)
         valid.append(~done)  # tokens up to and including the EOS are valid
@@ -301,8 +335,7 @@ def _decode(model, cache, first_logits, attention_mask, next_position, num_steps
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
         logits = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]
         next_position = next_position + 1
-    return (torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long(),
-            torch.stack(kept, 1) if keep_logits else None)
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long()
 
 
 @dataclass
@@ -347,7 +380,7 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
     ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
     cache = new_cache(model)
     last_logits = model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)[:, -1]
-    tokens, logps, valid, _ = _decode(model, cache, last_logits, mask, mask.sum(-1), sampling.max_new_tokens,
+    tokens, logps, valid = _decode(model, cache, last_logits, mask, mask.sum(-1), sampling.max_new_tokens,
                                       sampling, generator, eos_ids, pad_id)  # (B, R) each
     eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
@@ -474,23 +507,24 @@ class Continuations:
 
     ids (N, K, H) long, mask (N, K, H) long (1 up to and including EOS), logprobs (N, K, H) fp32 under the
     sampling distribution (at temperature 1 these are the sampling model's own log-probs: no rescoring needed),
-    logits (N, K, H, V) in the model's dtype when asked for (the guidance windows need the teacher's full
-    distribution along its own continuation; keeping it here saves a second teacher forward), else None.
+    head: the sampling model's distribution along its continuation as a kernels.Head over (N, K, H, d) hidden states
+    when asked for (the guidance windows need the teacher's full distribution there; keeping it saves a second
+    teacher forward, and hidden states are V/d times smaller than logits: 60x for Qwen3-4B), else None.
     """
     ids: torch.Tensor
     mask: torch.Tensor
     logprobs: torch.Tensor
-    logits: torch.Tensor | None = None
+    head: Head | None = None
 
     def select(self, index: torch.Tensor) -> "Continuations":
         """The continuations of the states `index` (1-D long)."""
         return Continuations(ids=self.ids[index], mask=self.mask[index], logprobs=self.logprobs[index],
-                             logits=None if self.logits is None else self.logits[index])
+                             head=None if self.head is None else self.head.select(index))
 
 
 @torch.no_grad()
 def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int, *, sampling: SamplingConfig,
-                         eos_ids, pad_id: int, generator: torch.Generator, keep_logits: bool = False) -> Continuations:
+                         eos_ids, pad_id: int, generator: torch.Generator, keep_hidden: bool = False) -> Continuations:
     """K continuations of up to `horizon` tokens from each encoded state (the probe and the guidance windows).
     Shapes are (N, K, S) with S <= horizon the length of the longest continuation.
 
@@ -499,14 +533,22 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     """
     cache, mask, last, pos = prefixes.repeated(k)  # N*K rows
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, V)
-    tokens, logps, valid, logits = _decode(model, cache, first, mask, pos + 1, horizon, sampling, generator,
-                                           eos_ids, pad_id, keep_logits)
+    kept = []  # keep_hidden: the LM head's input at every decoding step, (N*K, d) each, read by a forward hook
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: kept.append(args[0][:, -1])) if keep_hidden else None
+    try:
+        first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, V)
+        tokens, logps, valid = _decode(model, cache, first, mask, pos + 1, horizon, sampling, generator, eos_ids,
+                                       pad_id)
+    finally:
+        if hook is not None:
+            hook.remove()
     # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
     # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
     shape = (len(prefixes), k, tokens.shape[1])
+    head = head_of(model, torch.stack(kept[:shape[2]], 1).view(shape + kept[0].shape[-1:])) if keep_hidden else None
     return Continuations(ids=tokens.view(shape), mask=valid.view(shape), logprobs=(logps * valid).view(shape),
-                         logits=None if logits is None else logits.view(shape + logits.shape[-1:]))
+                         head=head)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ import argparse
 
 import torch
 
-from sample import (Continuations, EncodedPrefixes, Rollouts, cache_kwarg, model_step, position_ids_from_mask)
-from kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
+from kernels import DEFAULT_CHUNK, Head, kl_divergence, token_logprobs
+from sample import (Continuations, EncodedPrefixes, Rollouts, cache_kwarg, hidden_states_out, model_step,
+                    position_ids_from_mask)
 
 
 def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -111,20 +112,28 @@ def response_logits(model, rollouts: Rollouts, cache=None) -> torch.Tensor:
     return logits[:, :-1]
 
 
+def response_head(model, rollouts: Rollouts, cache=None) -> Head:
+    """response_logits without the logits: a kernels.Head over the (B, R, d) final hidden states aligned with the
+    response ids, for the fused losses (the training path). Same forward, same alignment; the LM head is not run."""
+    with hidden_states_out(model) as to_head:
+        return to_head(response_logits(model, rollouts, cache))  # "logits" are hidden states inside the block
+
+
 @torch.no_grad()
 def score_rollouts(model, rollouts: Rollouts, estimator: str, *, vocab_size: int | None = None,
                    chunk_size: int = DEFAULT_CHUNK, cache=None) -> torch.Tensor:
     """What topd.opd_token_loss needs from the teacher.
 
-    estimator "full":    teacher logits (B, R, V) in the model's dtype;
+    estimator "full":    the teacher's distribution at every response position as a kernels.Head (hidden states
+                         (B, R, d) in the model's dtype: the (B, R, V) logits are never built);
     estimator "sampled": log pi_T(y_t | s_t) of the sampled tokens (B, R) fp32, masked positions set to 0.
     cache: filled with the teacher's keys and values when given (see response_logits).
     """
-    logits = response_logits(model, rollouts, cache)
+    head = response_head(model, rollouts, cache)
     if estimator == "full":
-        return logits
+        return head
     if estimator == "sampled":
-        logp = token_logprobs(logits, rollouts.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
+        logp = token_logprobs(head, rollouts.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
         return logp * rollouts.response_mask
     raise ValueError(f"unknown estimator {estimator!r}")
 
@@ -146,12 +155,18 @@ def continuation_logits(model, prefixes: EncodedPrefixes, ids: torch.Tensor) -> 
     return logits.view(N, K, H, -1)
 
 
+def continuation_head(model, prefixes: EncodedPrefixes, ids: torch.Tensor) -> Head:
+    """continuation_logits as a kernels.Head over (N, K, H, d) hidden states (the fused path: no logits)."""
+    with hidden_states_out(model) as to_head:
+        return to_head(continuation_logits(model, prefixes, ids))
+
+
 @torch.no_grad()
 def score_continuations(model, prefixes: EncodedPrefixes, conts: Continuations, *, vocab_size: int | None = None,
                         chunk_size: int = DEFAULT_CHUNK) -> torch.Tensor:
     """log pi(c_j | s_t, c_<j) (N, K, H) fp32 of another model's continuations, 0 after each EOS (probe margins)."""
-    logits = continuation_logits(model, prefixes, conts.ids)
-    return token_logprobs(logits, conts.ids, vocab_size=vocab_size, chunk_size=chunk_size) * conts.mask
+    head = continuation_head(model, prefixes, conts.ids)
+    return token_logprobs(head, conts.ids, vocab_size=vocab_size, chunk_size=chunk_size) * conts.mask
 
 
 @torch.no_grad()
@@ -165,6 +180,9 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
       cached      the same scores computed token by token through the KV cache (prefill the prompt, then one token
                   at a time), the path that sampling and the probe's prefixes use: a wrong cache, wrong position
                   ids or a padding mistake shows up here as a disagreement with the plain forward.
+      fused       the logits of the fused head-and-loss path (final hidden states x the head's weight, with the
+                  family's logit scale and soft-cap, sample.head_of) against the model's own: an unknown logit
+                  transform would make every fused loss silently wrong.
     Each is the largest per-token KL over the response tokens (nats). tolerance defaults to 1e-4 for fp32 models
     and 2e-2 for bf16 / fp16 ones (their kernels round differently between a batched and an incremental pass).
     Raises RuntimeError naming the check that failed.
@@ -187,15 +205,19 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
         steps.append(model_step(model, rollouts.ids[:, col:col + 1], att[:, :col + 1], positions[:, col:col + 1],
                                 cache)[:, -1])
     cached = torch.stack(steps, 1)  # (B, R, V)
+    # the fused path's logits (hidden @ head weight, the family's scale and soft-cap), built in full only here
+    fused = response_head(model, rollouts).flat().logits().view(first.shape[:-1] + (-1,))
     result = {}
-    for name, other in (("repeat", second), ("cached", cached)):
+    for name, other in (("repeat", second), ("cached", cached), ("fused", fused[..., :first.shape[-1]])):
         kl = kl_divergence(first, other, vocab_size=vocab_size, chunk_size=chunk_size)  # (B, R)
         result[name] = float(kl[mask].abs().max()) if mask.any() else 0.0
     result["tokens"] = int(mask.sum())
     result["tolerance"] = tolerance
     for name, what in (("repeat", "two identical scoring passes of the same rollout (non-deterministic kernels?)"),
                        ("cached", "a plain forward and the KV-cached token-by-token pass (cache / position ids / "
-                                  "padding bug?)")):
+                                  "padding bug?)"),
+                       ("fused", "the model's own logits and the fused head-and-loss path's (a logit transform of "
+                                 "this model family that sample.head_of does not know?)")):
         if not result[name] <= tolerance:
             raise RuntimeError(f"teacher self-check failed: KL between {what} is {result[name]:.3g} nats on some "
                                f"token, above the tolerance {tolerance:g}. The teacher's scores are not reliable; "

@@ -115,7 +115,8 @@ def opd_token_loss(student_logits: torch.Tensor, ids: torch.Tensor, *, estimator
                    vocab_size: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> TokenLoss:
     """Per-token OPD loss of the sampled response (spec sec. 1).
 
-    student_logits: (B, T, V) with grad, aligned with ids (B, T) (logits[:, t] produced ids[:, t]).
+    student_logits: (B, T, V) with grad, aligned with ids (B, T) (logits[:, t] produced ids[:, t]), or a
+    kernels.Head over (B, T, d) hidden states (the fused path that train.py uses; then teacher_logits is one too).
     estimator="full":    teacher_logits (B, T, V') required;  l_t = KL(pi_theta(.|s_t) || pi_T(.|s_t)).
     estimator="sampled": teacher_logprobs (B, T) required (log pi_T(y_t|s_t), no grad);
                          l_t = log pi_theta(y_t) - log pi_T(y_t),  surrogate = sg(l_t) * log pi_theta(y_t).
@@ -433,7 +434,8 @@ def reduce_stats(parts: list[dict], all_reduce=None) -> dict[str, float]:
 @dataclass
 class Windows:
     """The guidance windows of sec. 5 at some divergent states: the student's encoded prefixes s_t* (a KV cache, no
-    grad) and the teacher's K continuations of each, with the teacher's logits along them (the target of L_guide)."""
+    grad) and the teacher's K continuations of each, with the teacher's distribution along them as a kernels.Head
+    over its hidden states (the target of L_guide; no (N, K, H, V) logits are kept)."""
     student_prefixes: sample.EncodedPrefixes
     teacher_conts: sample.Continuations
 
@@ -469,7 +471,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     if cfg.detector == "probe":
         probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
                                  pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
-                                 keep_teacher_logits=cfg.mode == "topd", teacher_cache=teacher_cache)
+                                 keep_teacher_windows=cfg.mode == "topd", teacher_cache=teacher_cache)
         scores = probe.scores
     else:
         scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
@@ -486,8 +488,8 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
 @dataclass
 class Probe:
     """What the probe produced for one micro-batch: scores D (B, C), and, for the states in the order of
-    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (logits kept in
-    topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
+    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (hidden states
+    kept in topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
     scores: torch.Tensor
     student_prefixes: sample.EncodedPrefixes | None = None
     teacher_conts: sample.Continuations | None = None
@@ -505,7 +507,7 @@ def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) ->
 @torch.no_grad()
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-                     keep_teacher_logits: bool = False, teacher_cache=None) -> Probe:
+                     keep_teacher_windows: bool = False, teacher_cache=None) -> Probe:
     """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
@@ -525,7 +527,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     s_conts = sample.sample_continuations(student, s_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
                                           pad_id=pad_id, generator=generator)
     t_conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
-                                          pad_id=pad_id, generator=generator, keep_logits=keep_teacher_logits)
+                                          pad_id=pad_id, generator=generator, keep_hidden=keep_teacher_windows)
     teacher_on_student = teacher_lib.score_continuations(teacher, t_enc, s_conts, vocab_size=vocab_size)
     student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
     mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
@@ -540,7 +542,7 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
                     probe: Probe | None = None, teacher_cache=None) -> Windows | None:
     """The guidance windows of sec. 5 at the divergent states, or None when no state is divergent.
 
-    With the probe detector they exist already (the teacher's probe continuations, logits kept); the window
+    With the probe detector they exist already (the teacher's probe continuations, hidden states kept); the window
     detector samples them now, only at the divergent states."""
     where = torch.nonzero(candidates >= 0)
     picked = torch.nonzero(divergent[where[:, 0], where[:, 1]]).squeeze(-1)  # indices into `where`
@@ -553,7 +555,7 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
     t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, k, horizon,
                                         sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
-                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_logits=True)
+                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_hidden=True)
     return Windows(student_prefixes=state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id),
                    teacher_conts=conts)
 
@@ -563,9 +565,10 @@ def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,
     """KL(pi_T || pi_theta) at every token of the teacher's windows, (N, K, H) with gradient to the student.
 
     The student runs once over the K windows of each state from that state's cached prefix (no grad through the
-    prefix: the cost rule), so only the H window tokens carry gradient (teacher.continuation_logits)."""
-    student_logits = teacher_lib.continuation_logits(student, windows.student_prefixes, windows.teacher_conts.ids)
-    return kl_divergence(windows.teacher_conts.logits, student_logits, vocab_size=vocab_size, chunk_size=chunk_size)
+    prefix: the cost rule), so only the H window tokens carry gradient (teacher.continuation_head). Both sides are
+    kernels.Heads: the fused kernel never builds the (N, K, H, V) logits of either model."""
+    student_head = teacher_lib.continuation_head(student, windows.student_prefixes, windows.teacher_conts.ids)
+    return kl_divergence(windows.teacher_conts.head, student_head, vocab_size=vocab_size, chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -502,10 +502,10 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
         teacher_out = teacher_lib.score_rollouts(run.teacher, ro, cfg.kl, vocab_size=run.vocab_size,
                                                  chunk_size=cfg.chunk_size, cache=teacher_cache)  # (b, R, V) / (b, R)
     with clock("train"), grad_sync(run.model, sync):
-        with run.autocast():
-            s_logits = teacher_lib.response_logits(run.model, ro)  # (b, R, V) with grad
+        with run.autocast():  # the fused path: (b, R, d) hidden states with grad, no (b, R, V) logits
+            s_head = teacher_lib.response_head(run.model, ro)
         token_loss = topd.opd_token_loss(
-            s_logits, ro.response_ids, estimator=cfg.kl, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size,
+            s_head, ro.response_ids, estimator=cfg.kl, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size,
             teacher_logits=teacher_out if cfg.kl == "full" else None,
             teacher_logprobs=teacher_out if cfg.kl == "sampled" else None)
         found, detection = None, {}
@@ -519,7 +519,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
                              suppress_weight=cfg.suppress_weight)
         loss, stats = topd.opd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **detection)
         (loss * run.world).backward()  # DDP AVERAGES gradients over ranks; sum over all tokens / N needs * world
-    stats.update(rollout_stats(ro, s_logits if check_logp else None, run.vocab_size))
+    stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size))
     ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
     return stats, found
 
@@ -552,17 +552,17 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     return stats
 
 
-def rollout_stats(ro: sample.Rollouts, learner_logits=None, vocab_size=None) -> dict:
-    """Length, truncation and EOS of the rollouts; with learner_logits, the sampler-vs-learner log-prob gap (trap
-    14: ~0 unless padding, positions or dtypes differ between sampling and training)."""
+def rollout_stats(ro: sample.Rollouts, learner=None, vocab_size=None) -> dict:
+    """Length, truncation and EOS of the rollouts; with the learner's kernels.Head, the sampler-vs-learner log-prob
+    gap (trap 14: ~0 unless padding, positions or dtypes differ between sampling and training)."""
     n = torch.tensor(float(len(ro.truncated)))
     truncated = ro.truncated.sum().float().cpu()
     stats = {"rollout/len_mean": (ro.response_mask.sum().float(), n), "rollout/truncated_frac": (truncated, n),
              "rollout/eos_frac": (n - truncated, n)}
-    if learner_logits is not None:
+    if learner is not None:
         with torch.no_grad():
-            learner = token_logprobs(learner_logits.detach(), ro.response_ids, vocab_size=vocab_size)
-            stats["rollout/logp_mismatch"] = (((learner - ro.logprobs).abs() * ro.response_mask).sum(),
+            logp = token_logprobs(learner, ro.response_ids, vocab_size=vocab_size)
+            stats["rollout/logp_mismatch"] = (((logp - ro.logprobs).abs() * ro.response_mask).sum(),
                                               ro.response_mask.sum().float())
     return stats
 

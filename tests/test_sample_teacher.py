@@ -208,10 +208,10 @@ def test_sampler_logprobs_match_learner_logprobs(saved):
 def test_teacher_equal_student_gives_zero_kl_and_other_teacher_does_not(saved):
     _, student, tok, teacher, _ = saved
     ro = _rollouts(student, tok, PROMPTS)
-    with torch.no_grad():
-        s_logits = teacher_mod.response_logits(student, ro)
-        same = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(student, ro, "full"))
-        other = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(teacher, ro, "full"))
+    with torch.no_grad():  # the training path: fused heads on both sides
+        s_head = teacher_mod.response_head(student, ro)
+        same = topd.per_token_kl(s_head, teacher_mod.score_rollouts(student, ro, "full"))
+        other = topd.per_token_kl(s_head, teacher_mod.score_rollouts(teacher, ro, "full"))
     m = ro.response_mask.bool()
     assert same[m].abs().max() < 1e-5
     assert other[m].mean() > 0.1
@@ -232,10 +232,12 @@ def test_vocab_padding_accepted_and_sliced(saved):
     assert vocab == 25
     ro = _rollouts(student, tok, PROMPTS)
     with torch.no_grad():
-        s_logits = teacher_mod.response_logits(student, ro)
-        ref = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(teacher, ro, "full"))
-        got = topd.per_token_kl(s_logits, teacher_mod.score_rollouts(padded, ro, "full"), vocab_size=vocab)
-    assert torch.allclose(ref, got, atol=1e-5)
+        s_head = teacher_mod.response_head(student, ro)
+        ref = topd.per_token_kl(s_head, teacher_mod.score_rollouts(teacher, ro, "full"))
+        got = topd.per_token_kl(s_head, teacher_mod.score_rollouts(padded, ro, "full"), vocab_size=vocab)
+        unfused = topd.per_token_kl(teacher_mod.response_logits(student, ro),  # the logits path agrees
+                                    teacher_mod.response_logits(padded, ro), vocab_size=vocab)
+    assert torch.allclose(ref, got, atol=1e-5) and torch.allclose(unfused, got, atol=1e-5)
 
 
 def test_incompatible_tokenizer_rejected_with_a_clear_message():
@@ -279,10 +281,10 @@ def test_kv_cache_reuse_matches_reencoding(saved):
                 nxt = student(seq[None]).logits[0, -1].argmax()
                 assert nxt == greedy.ids[i, 0, j]
                 seq = torch.cat([seq, nxt[None]])
-    # sampled continuations (T = 1): sampler log-probs, cached scores by the teacher, and cached logits kept
-    # during sampling all equal a plain forward over prefix + continuation
+    # sampled continuations (T = 1): sampler log-probs, cached scores by the teacher, and the hidden states kept
+    # during sampling (as a fused Head) all equal a plain forward over prefix + continuation
     conts = sample.sample_continuations(student, enc, K, H, sampling=sample.SamplingConfig(), eos_ids=[EOS_ID],
-                                        pad_id=PAD_ID, generator=sample.make_generator(1), keep_logits=True)
+                                        pad_id=PAD_ID, generator=sample.make_generator(1), keep_hidden=True)
     t_enc = sample.encode_prefixes(teacher, prefixes, PAD_ID)
     t_scores = teacher_mod.score_continuations(teacher, t_enc, conts)
     with torch.no_grad():
@@ -299,7 +301,8 @@ def test_kv_cache_reuse_matches_reencoding(saved):
             assert (conts.logprobs[i, k][m] - s_lp[m]).abs().max() < 1e-4
             assert (t_scores[i, k][m] - t_lp[m]).abs().max() < 1e-4
             assert (cached_logits[i, k][m] - s_full[m]).abs().max() < 1e-4
-            assert (conts.logits[i, k][m] - s_full[m]).abs().max() < 1e-4
+            kept_logits = conts.head.select((i, k)).logits()  # (H, V) from the kept hidden states
+            assert (kept_logits[m] - s_full[m]).abs().max() < 1e-4
 
 
 def test_continuation_logits_carry_gradient_through_the_window_only(saved):
