@@ -408,23 +408,46 @@ class EncodedPrefixes:
 
     def repeated(self, k: int):
         """(cache, attention_mask, last_token, last_position) with every state repeated k times, row-major
-        (state 0 x k, state 1 x k, ...). A fresh copy of the cache, so the original can be reused."""
-        cache = copy.deepcopy(self.cache)
-        if self.attention_mask.shape[1]:
-            cache.batch_repeat_interleave(k)
-        return (cache, self.attention_mask.repeat_interleave(k, 0), self.last_token.repeat_interleave(k, 0),
+        (state 0 x k, state 1 x k, ...). A fresh cache (the K continuations extend it), the original untouched:
+        one gather per layer, the only copy made (HF attention needs each row's keys in its own batch slot)."""
+        rows = torch.arange(len(self), device=self.last_token.device)
+        return (cache_rows(self.cache, rows, self.attention_mask.shape[1], repeats=k),
+                self.attention_mask.repeat_interleave(k, 0), self.last_token.repeat_interleave(k, 0),
                 self.last_position.repeat_interleave(k, 0))
 
     def select(self, index: torch.Tensor) -> "EncodedPrefixes":
-        """The subset of states `index` (1-D long), e.g. the divergent ones, as a new object (cache copied)."""
-        cache = copy.deepcopy(self.cache)
-        if self.attention_mask.shape[1]:
-            cache.batch_select_indices(index)
-        return EncodedPrefixes(cache=cache, attention_mask=self.attention_mask[index],
-                               last_token=self.last_token[index], last_position=self.last_position[index])
+        """The subset of states `index` (1-D long), e.g. the divergent ones, as a new object (those rows copied)."""
+        return EncodedPrefixes(cache=cache_rows(self.cache, index, self.attention_mask.shape[1]),
+                               attention_mask=self.attention_mask[index], last_token=self.last_token[index],
+                               last_position=self.last_position[index])
 
     def __len__(self) -> int:
         return len(self.last_token)
+
+
+def cache_rows(cache, rows: torch.Tensor, width: int, repeats: int = 1):
+    """A new KV cache holding the given batch rows (each `repeats` times, row-major) and the first `width` columns of
+    `cache`. Only those rows and columns are copied, one gather per layer: at 16k-token prefixes a deep copy of a
+    whole batch's cache (then cut) would cost gigabytes per probed micro-batch.
+
+    Sliding-window caches keep their own layer types (a copy, then HF's own row operations); they are never cut to
+    fewer columns here (prefixes_from_cache re-encodes their states instead).
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    index = rows.repeat_interleave(repeats) if repeats > 1 else rows
+    layers = getattr(cache, "layers", [])
+    if width == 0 or not layers or not getattr(layers[0], "is_initialized", True):
+        return DynamicCache()  # nothing cached yet: an empty cache that the next forward fills
+    if any(type(layer) is not DynamicLayer for layer in layers):
+        out = copy.deepcopy(cache)
+        out.batch_select_indices(index)
+        return out
+    out = DynamicCache()
+    for i, layer in enumerate(layers):
+        out.update(layer.keys[index, :, :width], layer.values[index, :, :width], i)
+    return out
 
 
 def check_prefix_cache(model) -> None:
@@ -474,11 +497,7 @@ def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch
     sliding = getattr(cache, "is_sliding", False)
     if width < 1 or (any(sliding) if isinstance(sliding, (list, tuple)) else sliding):
         return None
-    cut = copy.deepcopy(cache)
-    cut.batch_select_indices(rows)
-    extra = cut.get_seq_length() - width
-    if extra > 0:
-        cut.crop(-extra)  # a negative count = "remove this many columns" in every transformers version
+    cut = cache_rows(cache, rows, width)  # only the states' rows and the columns before their last token
     cols = torch.arange(width, device=rows.device)
     start = P - rollouts.prompt_lens[rows]  # first real (non-pad) column of each row
     mask = ((cols[None, :] >= start[:, None]) & (cols[None, :] < (P + ts - 1)[:, None])).long()  # (N, W)

@@ -42,6 +42,7 @@ Run `python topd.py` for a worked example on hand-made tensors (CPU, about a sec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ class TOPDConfig:
     min_gap: int = 8               # minimum distance between candidates, in tokens
     detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
     probe_samples: int = 4         # K continuations per model per candidate; K guidance windows per divergent state
+    probe_tokens: int = 131072     # the probe's memory bound: cached prefix tokens (states x K x length) per chunk
     horizon: int = 32              # H tokens per continuation / window
     div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
     div_alpha: float = 0.5         # alpha of the relative rule
@@ -444,12 +446,12 @@ class Windows:
 class Detection:
     """What detect() found in one micro-batch of rollouts.
 
-    candidates (B, C) positions (-1 = empty slot), scores (B, C) D_t, divergent (B, C) bool, windows (topd mode with
-    at least one divergent state) or None."""
+    candidates (B, C) positions (-1 = empty slot), scores (B, C) D_t, divergent (B, C) bool, windows: the guidance
+    windows at the divergent states (topd mode; a list, one item per probe chunk with a divergent state)."""
     candidates: torch.Tensor
     scores: torch.Tensor
     divergent: torch.Tensor
-    windows: Windows | None = None
+    windows: list = dataclasses.field(default_factory=list)
 
 
 @torch.no_grad()
@@ -471,12 +473,13 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     if cfg.detector == "probe":
         probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
                                  pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
-                                 keep_teacher_windows=cfg.mode == "topd", teacher_cache=teacher_cache)
+                                 keep_teacher_windows=cfg.mode == "topd", teacher_cache=teacher_cache,
+                                 max_tokens=cfg.probe_tokens)
         scores = probe.scores
     else:
         scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
     divergent = divergent_mask(scores, candidates >= 0, alpha=cfg.div_alpha, threshold=cfg.threshold)
-    windows = None
+    windows = []
     if cfg.mode == "topd":
         windows = teacher_windows(student, teacher, rollouts, candidates, divergent, k=cfg.probe_samples,
                                   horizon=cfg.horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
@@ -487,12 +490,12 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
 
 @dataclass
 class Probe:
-    """What the probe produced for one micro-batch: scores D (B, C), and, for the states in the order of
-    torch.nonzero(candidates >= 0), the student's encoded prefixes and the teacher's continuations (hidden states
-    kept in topd mode): at the divergent ones they are the guidance windows, no second sampling needed."""
+    """What the probe produced for one micro-batch: scores D (B, C), and, in topd mode, per chunk of states (see
+    probe_divergence), the states' indices into torch.nonzero(candidates >= 0), the student's encoded prefixes and the
+    teacher's continuations with its hidden states: at the divergent ones they are the guidance windows, no second
+    sampling needed."""
     scores: torch.Tensor
-    student_prefixes: sample.EncodedPrefixes | None = None
-    teacher_conts: sample.Continuations | None = None
+    chunks: list = dataclasses.field(default_factory=list)  # [(state indices, EncodedPrefixes, Continuations)]
 
 
 def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) -> sample.EncodedPrefixes:
@@ -504,60 +507,94 @@ def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) ->
     return enc
 
 
+def state_chunks(prefix_lengths: torch.Tensor, k: int, max_tokens: int) -> list[torch.Tensor]:
+    """Consecutive groups of states whose K-fold prefixes hold at most max_tokens cached tokens per model.
+
+    The probe's memory is its KV caches: each continuation needs its own copy of its state's prefix in the batch,
+    so a chunk of states costs k x sum(prefix lengths) cached tokens (per model; 147 KB per token for Qwen3-4B in
+    bf16). At the toy's 30-token prefixes every state of a micro-batch fits in one chunk; at 16k-token prefixes the
+    default (131072) probes 2 states at a time. A state longer than the budget gets a chunk of its own.
+    Example: lengths [10, 20, 30, 5], k 2, max 100 -> [[0, 1], [2, 3]] (60 tokens, then 70).
+    """
+    chunks, current, used = [], [], 0
+    for i, n in enumerate(prefix_lengths.tolist()):
+        if current and used + k * n > max_tokens:
+            chunks.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += k * n
+    if current:
+        chunks.append(current)
+    return [torch.tensor(c, dtype=torch.long, device=prefix_lengths.device) for c in chunks]
+
+
 @torch.no_grad()
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-                     keep_teacher_windows: bool = False, teacher_cache=None) -> Probe:
+                     keep_teacher_windows: bool = False, teacher_cache=None,
+                     max_tokens: int = 131072) -> Probe:
     """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
     Cost control (spec "Cost rule"): no prefix is re-encoded when the rollout's KV caches are at hand (the student's
     from sampling, rollouts.cache; the teacher's from its scoring pass, teacher_cache), and each state's cache serves
     both that model's sampling and its scoring of the other model's continuations. At temperature 1 the sampler's
-    own log-probs are exact, so each continuation needs one extra scoring pass, by the other model only.
+    own log-probs are exact, so each continuation needs one extra scoring pass, by the other model only. States are
+    probed in chunks of at most max_tokens cached prefix tokens (state_chunks, `--probe-tokens`), which bounds the
+    memory at any rollout length; the teacher's window data is kept as hidden states, never as logits.
     """
     where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
+    probe = Probe(scores=scores)
     if len(where) == 0:
-        return Probe(scores=scores)
+        return probe
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
     probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
-    s_enc = state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id)
-    t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
-    s_conts = sample.sample_continuations(student, s_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
-                                          pad_id=pad_id, generator=generator)
-    t_conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
-                                          pad_id=pad_id, generator=generator, keep_hidden=keep_teacher_windows)
-    teacher_on_student = teacher_lib.score_continuations(teacher, t_enc, s_conts, vocab_size=vocab_size)
-    student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
-    mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (N, K)
-    mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (N, K)
-    scores[where[:, 0], where[:, 1]] = margin_w1(mu_teacher, mu_student)
-    return Probe(scores=scores, student_prefixes=s_enc, teacher_conts=t_conts)
+    for chunk in state_chunks(rollouts.prompt_lens[rows] + ts, k, max_tokens):
+        s_enc = state_prefixes(student, rollouts, rows[chunk], ts[chunk], rollouts.cache, pad_id)
+        t_enc = state_prefixes(teacher, rollouts, rows[chunk], ts[chunk], teacher_cache, pad_id)
+        s_conts = sample.sample_continuations(student, s_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
+                                              pad_id=pad_id, generator=generator)
+        t_conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
+                                              pad_id=pad_id, generator=generator, keep_hidden=keep_teacher_windows)
+        teacher_on_student = teacher_lib.score_continuations(teacher, t_enc, s_conts, vocab_size=vocab_size)
+        student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
+        mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (n, K)
+        mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (n, K)
+        scores[where[chunk, 0], where[chunk, 1]] = margin_w1(mu_teacher, mu_student)
+        if keep_teacher_windows:
+            probe.chunks.append((chunk, s_enc, t_conts))
+    return probe
 
 
 @torch.no_grad()
 def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, divergent, *, k: int, horizon: int,
                     pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-                    probe: Probe | None = None, teacher_cache=None) -> Windows | None:
-    """The guidance windows of sec. 5 at the divergent states, or None when no state is divergent.
+                    probe: Probe | None = None, teacher_cache=None) -> list[Windows]:
+    """The guidance windows of sec. 5 at the divergent states, as a list of Windows (empty when no state is
+    divergent): one per probe chunk that has a divergent state, or one in all for the window detector.
 
-    With the probe detector they exist already (the teacher's probe continuations, hidden states kept); the window
-    detector samples them now, only at the divergent states."""
+    With the probe detector they exist already (the teacher's probe continuations, hidden states kept): only the
+    divergent states' rows are kept. The window detector samples them now, only at the divergent states."""
     where = torch.nonzero(candidates >= 0)
-    picked = torch.nonzero(divergent[where[:, 0], where[:, 1]]).squeeze(-1)  # indices into `where`
+    is_divergent = divergent[where[:, 0], where[:, 1]]  # (N,) over the states in `where` order
+    if probe is not None and probe.chunks:
+        windows = []
+        for chunk, s_enc, t_conts in probe.chunks:
+            picked = torch.nonzero(is_divergent[chunk]).squeeze(-1)  # indices into the chunk
+            if len(picked):
+                windows.append(Windows(student_prefixes=s_enc.select(picked), teacher_conts=t_conts.select(picked)))
+        return windows
+    picked = torch.nonzero(is_divergent).squeeze(-1)
     if len(picked) == 0:
-        return None
-    if probe is not None and probe.teacher_conts is not None:
-        return Windows(student_prefixes=probe.student_prefixes.select(picked),
-                       teacher_conts=probe.teacher_conts.select(picked))
+        return []
     rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
     t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, k, horizon,
                                         sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
                                         eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_hidden=True)
-    return Windows(student_prefixes=state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id),
-                   teacher_conts=conts)
+    return [Windows(student_prefixes=state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id),
+                    teacher_conts=conts)]
 
 
 def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,

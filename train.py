@@ -131,8 +131,9 @@ def parse_config(argv=None) -> TrainConfig:
         import toy
         explicit = {**toy.TRAIN_DEFAULTS, **explicit}
     cfg = TrainConfig(**explicit)
-    positive = ["num_candidates", "probe_samples", "horizon", "rollout_batch", "micro_batch", "max_new_tokens",
-                "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every", "logp_check_every"]
+    positive = ["num_candidates", "probe_samples", "probe_tokens", "horizon", "rollout_batch", "micro_batch",
+                "max_new_tokens", "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every",
+                "logp_check_every"]
     for name in positive:
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -466,7 +467,7 @@ def train_step(run: Run, step: int) -> dict:
         part, found = opd_phase(run, ro, num_tokens, sync=sync, generators=(generator(j, 1), generator(j, 2)),
                                 clock=clock, check_logp=step % cfg.logp_check_every == 0)
         stats.append(part)
-        windows += [] if found is None else [found]
+        windows += found
 
     # ---- 3. phase B: future-distributed guidance along the teacher's windows of the whole step ----
     if cfg.mode == "topd":
@@ -495,7 +496,7 @@ def train_step(run: Run, step: int) -> dict:
 def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generators, clock: Clock,
               check_logp: bool):
     """Phase A on one micro-batch: teacher scores -> student forward -> l_t -> [topd.detect] -> L_OPD(w) backward.
-    Returns (statistics, the guidance windows found here or None)."""
+    Returns (statistics, the guidance windows found here: a list, empty outside topd mode)."""
     cfg = run.cfg
     teacher_cache = sample.new_cache(run.teacher) if ro.cache is not None else None  # the probe reuses it
     with clock("teacher"), run.autocast():
@@ -508,7 +509,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
             s_head, ro.response_ids, estimator=cfg.kl, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size,
             teacher_logits=teacher_out if cfg.kl == "full" else None,
             teacher_logprobs=teacher_out if cfg.kl == "sampled" else None)
-        found, detection = None, {}
+        found, detection = [], {}
         if cfg.mode != "opd":
             with clock("probe"), sample.eval_mode(run.student), run.autocast():
                 d = topd.detect(run.student, run.teacher, ro, token_loss, cfg, special_ids=run.special_ids,

@@ -484,3 +484,37 @@ def test_models_whose_cache_cannot_be_cut_are_refused_by_name():
     with pytest.raises(ValueError, match="LinearAttention"):
         sample.prefixes_from_cache(ro.cache, ro, torch.tensor([0]), torch.tensor([2]))
     sample.check_prefix_cache(_llama(0))  # attention-only models pass
+
+
+# ------------------------------------------------------------------------------- the probe's memory bound
+
+def test_state_chunks_bound_the_cached_tokens():
+    lengths = torch.tensor([10, 20, 30, 5, 500, 1])
+    chunks = topd.state_chunks(lengths, 2, 100)
+    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3], [4], [5]]  # 60, 70, 1000 (alone: too long), 2
+    assert torch.cat(chunks).tolist() == list(range(6))
+    for c in chunks:
+        assert 2 * int(lengths[c].sum()) <= 100 or len(c) == 1
+
+
+def test_probe_in_chunks_keeps_every_state_and_only_divergent_windows(saved):
+    """--probe-tokens small enough that every state is probed on its own: every candidate still gets its D, and the
+    guidance windows hold exactly the divergent states (the teacher's hidden states, never logits)."""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS, max_new=12)
+    loss = torch.rand(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)) * ro.response_mask
+    cands = topd.select_candidates(loss, ro.response_mask, 3, 2)
+    n_states = int((cands >= 0).sum())
+    probe = topd.probe_divergence(student, teacher, ro, cands, k=2, horizon=4, pad_id=PAD_ID, eos_ids=[EOS_ID],
+                                  vocab_size=25, generator=sample.make_generator(0), keep_teacher_windows=True,
+                                  max_tokens=1)
+    assert len(probe.chunks) == n_states and n_states > 2
+    assert (probe.scores[cands >= 0] > 0).all() and (probe.scores[cands < 0] == 0).all()
+    divergent = topd.divergent_mask(probe.scores, cands >= 0, alpha=0.0)
+    windows = topd.teacher_windows(student, teacher, ro, cands, divergent, k=2, horizon=4, pad_id=PAD_ID,
+                                   eos_ids=[EOS_ID], vocab_size=25, generator=sample.make_generator(1), probe=probe)
+    assert sum(len(w.student_prefixes) for w in windows) == int(divergent.sum()) > 0
+    for w in windows:
+        assert w.teacher_conts.head.hidden.shape[-1] == teacher.config.hidden_size  # hidden states, not logits
+        kl = topd.guidance_kl(student, w, vocab_size=25)
+        assert kl.shape == w.teacher_conts.ids.shape and torch.isfinite(kl).all()
