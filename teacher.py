@@ -11,12 +11,15 @@ that right is mostly bookkeeping, and this file keeps the bookkeeping in one pla
   * `response_logits` rebuilds the attention mask and the position ids of left-padded rows exactly as
     sample.py generated them (trap 3), and returns the logits ALIGNED with the response ids: the logit at
     position i predicts token i+1, so response column r (sequence index P+r) is predicted by sequence index
-    P+r-1 (trap 1). Only the response positions go through the LM head (`logits_to_keep`), so a long prompt costs
-    no (B, P, V) logits.
+    P+r-1 (trap 1). Only the response positions are kept (`logits_to_keep`), so a long prompt costs nothing.
+  * The training path never builds logits at all: `response_head` / `continuation_head` run the same forwards
+    with the LM head switched off (sample.hidden_states_out) and return a kernels.Head over the final hidden states
+    (B, R, d); the fused kernels compute fp32 logits chunk by chunk inside the loss (trap 7). For Qwen3-4B at
+    8k tokens that is 42 MB of hidden states instead of 2.5 GB of bf16 logits per rollout and model.
   * The teacher runs in eval(), with requires_grad_(False), under torch.no_grad() -- NOT torch.inference_mode():
-    inference tensors cannot enter autograd later, and the teacher's logits do enter the student's loss (trap 6).
-  * Full-vocabulary outputs stay in the model's dtype (bf16 on GPU); the fp32 upcast happens chunk by chunk inside
-    topd.py's kernels, so no (B, T, V) fp32 tensor ever exists (trap 7).
+    inference tensors cannot enter autograd later, and the teacher's outputs do enter the student's loss (trap 6).
+  * `self_check` scores one rollout several ways (twice, token by token through the KV cache, and through the
+    fused head) and fails if they disagree (trap 20).
 
 The same scoring functions serve the student side of TOPD (its grad-carrying forward over its rollouts, its
 scores of the teacher's probe continuations, its forward over the guidance windows): one implementation of the
@@ -25,6 +28,7 @@ shift and the padding logic for both models.
 Commands:
     python teacher.py                                         # demo: tiny random teacher/student, KL per token
     python teacher.py --student runs/toy/student --teacher runs/toy/teacher   # check and score real checkpoints
+    python teacher.py --self-check [--student A --teacher B]                  # is the teacher's scoring reliable?
 """
 
 from __future__ import annotations
@@ -259,7 +263,7 @@ def main(argv=None):
         return r
     with torch.no_grad():
         # reverse KL per token, KL(student || teacher): what topd.per_token_kl computes, from the kernel itself
-        kl = kl_divergence(response_logits(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
+        kl = kl_divergence(response_head(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)
     for b in range(kl.shape[0]):
         n = int(ro.response_mask[b].sum())
         print(f"row {b}: {n} response tokens, reverse KL per token:", [round(x, 3) for x in kl[b, :n].tolist()])

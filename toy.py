@@ -551,7 +551,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
     prompt_ids, _ = sample.encode_prompts(tok, [r["prompt"] for r in rows])
     ro = sample.sample_rollouts(student, prompt_ids, sampling=sample.SamplingConfig(max_new_tokens=max_new_tokens),
                                 eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0))
-    loss = topd.per_token_kl(teacher_lib.response_logits(student, ro), teacher_lib.score_rollouts(teacher, ro, "full"))
+    loss = topd.per_token_kl(teacher_lib.response_head(student, ro), teacher_lib.score_rollouts(teacher, ro, "full"))
     mask = ro.response_mask.bool()
     labels = []  # (B, R) label strings, "" on masked positions
     for b, row in enumerate(rows):
