@@ -85,13 +85,15 @@ ROOT = Path(__file__).resolve().parent
 class BenchConfig:
     quick: bool = False                  # small sizes everywhere: a smoke run of every code path (< ~1 min)
     out: str = "runs/bench/bench.json"   # where the JSON results go
-    sections: str = "1,2,3,4,5"          # which sections to run, comma-separated
+    sections: str = "1,2,3,4,5,6"        # which sections to run, comma-separated
     repeats: int = 0                     # timed repeats per variant; 0 = the per-section default below
     warmup: int = 1                      # untimed rounds before the alternation starts
     threads: int = 0                     # torch threads here and in every child; 0 = all cores
     world: str = ""                      # toy world folder; "" = runs/toy (runs/toy-fast with --quick)
     device: str = "auto"                 # auto | cpu | cuda
     seed: int = 0
+    reference: str = ""                  # section 6: a git revision whose `opd` step runs side by side (e.g. the
+                                         # last one before the fused head); "" = no reference rows
     child: str = ""                      # internal: a JSON job for a fresh measuring subprocess
 
 
@@ -102,6 +104,8 @@ FULL = {
     3: dict(extra=[], repeats=3),                          # the toy's defaults: 64 rollouts, micro-batch 32
     4: dict(batch=32, new_tokens=48, repeats=3),
     5: dict(lengths=(64, 128, 256, 512), batch=16, repeats=2, horizon=0),  # horizon 0 = the spec's default (32)
+    6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 4, 1024: 4, 2048: 2, 4096: 1}, vocab=151936, hidden=64,
+            layers=2, horizon=32, repeats=2, reference_length=2048),
 }
 QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     1: dict(batch=4, prompt_len=(4, 16), new_tokens=16, vocab=32000, hidden=64, layers=2, repeats=2),
@@ -109,11 +113,16 @@ QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     3: dict(extra=["--rollout-batch", "4", "--micro-batch", "4", "--max-new-tokens", "16"], repeats=1),
     4: dict(batch=4, new_tokens=16, repeats=1),
     5: dict(lengths=(16, 32), batch=2, repeats=1, horizon=8),
+    6: dict(lengths=(32, 64), batch={32: 2, 64: 1}, vocab=151936, hidden=32, layers=1, horizon=8, repeats=1,
+            reference_length=64),
 }
-NAMES = {1: "sampling", 2: "kl", 3: "step", 4: "trl", 5: "scaling"}
+NAMES = {1: "sampling", 2: "kl", 3: "step", 4: "trl", 5: "scaling", 6: "memory"}
 # (op, value) targets on the ratio ours / baseline
 TARGETS = {"sampling": (">=", 0.95), "kl_memory": ("<=", 0.25), "kl_time": ("<=", 1.10),
-           "window": ("<=", 1.10), "probe": ("<=", 1.41), "trl": ("<=", 1.00)}
+           "window": ("<=", 1.10), "probe": ("<=", 1.41), "trl": ("<=", 1.00),
+           # section 6, at the reference length (2048): ours vs the reference revision's opd, and topd+probe vs opd
+           "opd_memory_vs_reference": ("<=", 0.35), "opd_time_vs_reference": ("<=", 1.05),
+           "probe_memory": ("<=", 1.5), "probe_time": ("<=", 1.5), "probe_time_vs_floor": ("<=", 1.15)}
 
 
 def parse_config(argv=None) -> BenchConfig:
@@ -140,7 +149,7 @@ def parse_config(argv=None) -> BenchConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_sections(text: str) -> list[int]:
-    """"1,3" -> [1, 3] (sorted, unique); anything outside 1..5 is an error."""
+    """"1,3" -> [1, 3] (sorted, unique); anything outside 1..6 is an error."""
     out = sorted({int(x) for x in text.split(",") if x.strip()})
     if not out or any(s not in NAMES for s in out):
         raise ValueError(f"--sections: expected numbers among {sorted(NAMES)}, got {text!r}")
@@ -311,11 +320,12 @@ def measure(fn, device: torch.device):
     return out, seconds, grown * scale, "ru_maxrss delta (lower bound: earlier peaks hide growth)"
 
 
-def run_child(job: dict, threads: int, timeout: float = 900) -> dict:
-    """Run one measurement in a fresh `python bench.py --child JSON` process; its last stdout line is the result."""
+def run_child(job: dict, threads: int, timeout: float = 900, code: Path = ROOT) -> dict:
+    """Run one measurement in a fresh `python bench.py --child JSON` process; its last stdout line is the result.
+    code: the checkout whose bench.py (and train.py) runs it: this one, or a reference revision's (section 6)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(ROOT / "bench.py"), "--threads", str(threads), "--child", json.dumps(job)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, str(code / "bench.py"), "--threads", str(threads), "--child", json.dumps(job)]
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"child {job} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -624,10 +634,11 @@ def child_step(job, device):
     run = make_run(Path(job["world"]), job["mode"], job["detector"], job["horizon"], device, job["extra"],
                    job["seed"], ignore_eos=True)
     _, first, peak, method = measure(lambda: train.train_step(run, 0), device)
-    seconds = [timed(lambda: train.train_step(run, k), device)[1] for k in range(1, 1 + job["steps"])]
+    timed_steps = [timed(lambda: train.train_step(run, k), device) for k in range(1, 1 + job["steps"])]
     scale = 1 if sys.platform == "darwin" else 1024
-    return {"seconds": seconds, "first_seconds": first, "peak_bytes": peak, "method": method,
-            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    return {"seconds": [t for _, t in timed_steps], "first_seconds": first, "peak_bytes": peak, "method": method,
+            "maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
+            "metrics": {k: v for k, v in timed_steps[-1][0].items() if isinstance(v, (int, float))}}
 
 
 def section_scaling(cfg, size, device, world, threads):
@@ -665,10 +676,120 @@ def section_scaling(cfg, size, device, world, threads):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Section 6: the memory plan at Qwen's vocabulary (151,936 columns), rollouts of 512 .. 4096 tokens
+# ----------------------------------------------------------------------------------------------------------------
+
+MEMORY_VARIANTS = [("opd", "window"), ("topd", "window"), ("topd", "probe")]
+
+
+def qwen_vocab_world(into: Path, size: dict) -> Path:
+    """Random Llama student (`layers`) and teacher (`layers` + 1) with Qwen3's head width (151,936 columns) and a
+    tokenizer of 151,669 entries (Qwen3's own count: the last 267 columns are padding, never sampled), small hidden
+    states, and toy prompts. Random weights serve for time and memory: what is measured is the cost of (T, V)."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    V, h = size["vocab"], size["hidden"]
+    words = ["<pad>", "<bos>", "<eos>"] + list("0123456789+-=?;,|\n{}")
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), V - 267)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  padding_side="left")
+    for name, layers, seed in (("student", size["layers"], 0), ("teacher", size["layers"] + 1, 1)):
+        torch.manual_seed(seed)
+        config = LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers,
+                             num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
+                             max_position_embeddings=max(size["lengths"]) + 256, bos_token_id=1, eos_token_id=2,
+                             pad_token_id=0)
+        LlamaForCausalLM(config).save_pretrained(into / name)
+        tok.save_pretrained(into / name)
+    rng = random.Random(0)
+    with open(into / "train.jsonl", "w") as f:
+        for _ in range(256):
+            f.write(json.dumps({"prompt": f"{rng.randint(0, 99)}+{rng.randint(0, 99)}=?\n"}) + "\n")
+    return into
+
+
+def token_floor(mode: str, detector: str, L: int, metrics: dict, K: int, H: int, batch: int) -> float:
+    """The step-time ratio to `opd` that the extra tokens alone predict, in token-forwards per rollout.
+
+    opd: L sampled + L scored by the teacher + 3L for the student's forward and backward = 5L. The probe adds, per
+    candidate, K x H tokens generated by each model and as many scored by the other (4 K H); guidance adds its
+    window tokens forward and backward (3 per token); the window detector samples K x H teacher tokens per
+    divergent state. Sequential decoding and batching are ignored: this is the floor a perfect implementation
+    would pay on a machine where cost is proportional to tokens, as on a CPU.
+    """
+    if mode == "opd":
+        return 1.0
+    c = metrics.get("topd/candidates", 0.0)
+    divergent = c * (1 - (metrics.get("topd/nondiv_frac") or 0.0))
+    guide = metrics.get("guide/tokens", 0.0) / batch
+    extra = 3 * guide + (4 * c * K * H if detector == "probe" else divergent * K * H)
+    return (5 * L + extra) / (5 * L)
+
+
+def section_memory(cfg, size, device, world, threads):
+    tmp = Path(tempfile.mkdtemp(prefix="bench-qwen-vocab-"))
+    H, K = size["horizon"], train.TrainConfig().probe_samples
+    rows, details = [], {"horizon": H, "vocab": size["vocab"], "hidden": size["hidden"], "results": {}}
+    reference = None
+    try:
+        qwen = qwen_vocab_world(tmp / "world", size)
+        if cfg.reference:  # the reference revision's own code, in a detached worktree (removed afterwards)
+            reference = tmp / "reference"
+            subprocess.run(["git", "worktree", "add", "--detach", str(reference), cfg.reference], cwd=ROOT,
+                           check=True, capture_output=True)
+        for L in size["lengths"]:
+            B = size["batch"][L]
+            extra = [str(x) for x in ("--rollout-batch", B, "--micro-batch", B, "--max-new-tokens", L)]
+            res = {}
+            for m, d in MEMORY_VARIANTS:  # one fresh process per (variant, length)
+                job = {"kind": "step", "world": str(qwen), "mode": m, "detector": d, "horizon": H, "extra": extra,
+                       "steps": size["repeats"], "seed": cfg.seed, "device": device.type}
+                res[variant_name(m, d)] = run_child(job, threads, timeout=3600)
+            if reference is not None and L == size["reference_length"]:
+                job = {"kind": "step", "world": str(qwen), "mode": "opd", "detector": "window", "horizon": H,
+                       "extra": extra + ["--ignore-eos"], "steps": size["repeats"], "seed": cfg.seed,
+                       "device": device.type}
+                res["reference opd"] = run_child(job, threads, timeout=3600, code=reference)
+            sec = {n: median(r["seconds"]) for n, r in res.items()}
+            mem = {n: r["peak_bytes"] / 2**20 for n, r in res.items()}
+            floor = {variant_name(m, d): token_floor(m, d, L, res[variant_name(m, d)].get("metrics", {}), K, H, B)
+                     for m, d in MEMORY_VARIANTS}
+            section = f"6 memory L={L} ({B} rollouts, V={size['vocab']}, H={H})"
+            rows += [make_row(section, "opd step", sec["opd"], "s"), make_row(section, "opd peak", mem["opd"], "MB")]
+            if "reference opd" in res:
+                rows += [make_row(section, "opd step vs reference", sec["opd"], "s", sec["reference opd"],
+                                  TARGETS["opd_time_vs_reference"]),
+                         make_row(section, "opd peak vs reference", mem["opd"], "MB", mem["reference opd"],
+                                  TARGETS["opd_memory_vs_reference"])]
+            for n in ("topd/window", "topd/probe"):
+                probe = n == "topd/probe" and L == size["reference_length"]
+                rows += [make_row(section, f"{n} step (floor {floor[n]:.2f}x)", sec[n], "s", sec["opd"],
+                                  TARGETS["probe_time"] if probe else None),
+                         make_row(section, f"{n} peak", mem[n], "MB", mem["opd"],
+                                  TARGETS["probe_memory"] if probe else None)]
+                if probe:
+                    rows.append(make_row(section, f"{n} time / token floor", ratio(sec[n], sec["opd"]), "x",
+                                         floor[n], TARGETS["probe_time_vs_floor"]))
+            print(f"  L={L:5d}, {B} rollouts: " + " | ".join(f"{n} {sec[n]:.2f} s, {mem[n]:,.0f} MB" for n in res)
+                  + " | floors " + ", ".join(f"{n} {f:.2f}x" for n, f in floor.items() if n != "opd"))
+            details["results"][L] = {"batch": B, "seconds": sec, "peak_mb": mem, "floor": floor, "raw": res}
+    finally:
+        if reference is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(reference)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows, details
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
-SECTIONS = {1: section_sampling, 2: section_kl, 3: section_step, 4: section_trl, 5: section_scaling}
+SECTIONS = {1: section_sampling, 2: section_kl, 3: section_step, 4: section_trl, 5: section_scaling,
+            6: section_memory}
 
 
 def child_main(job: dict):

@@ -137,3 +137,24 @@ def test_trl_section_says_not_run_without_trl(monkeypatch, capsys):
     rows, details = bench.section_trl(cfg, bench.QUICK[4], torch.device("cpu"), None, 1)
     assert details["status"] == "not run" and "pip install trl" in capsys.readouterr().out
     assert rows[0]["median"] is None and "not run" in bench.format_table(rows)
+
+
+def test_token_floor_hand_computed():
+    """Section 6's floor: opd costs 5L token-forwards per rollout (sample, teacher, student forward + backward);
+    the probe adds 4KH per candidate and guidance 3 per window token (forward + backward)."""
+    m = {"topd/candidates": 2.0, "topd/nondiv_frac": 0.5, "guide/tokens": 64.0}
+    L, K, H, B = 100, 4, 8, 2
+    assert bench.token_floor("opd", "probe", L, m, K, H, B) == 1.0
+    assert bench.token_floor("topd", "probe", L, m, K, H, B) == pytest.approx((500 + 4 * 2 * 32 + 3 * 32) / 500)
+    # the window detector samples K x H teacher tokens at each divergent state only (1 of the 2 candidates here)
+    assert bench.token_floor("topd", "window", L, m, K, H, B) == pytest.approx((500 + 1 * 32 + 3 * 32) / 500)
+
+
+def test_qwen_vocab_world_has_qwens_head_width_and_tokenizer_size(tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    size = {**bench.QUICK[6], "lengths": (16,)}
+    world = bench.qwen_vocab_world(tmp_path, size)
+    tok = AutoTokenizer.from_pretrained(world / "student")
+    assert AutoConfig.from_pretrained(world / "teacher").vocab_size == 151936 and len(tok) == 151669
+    assert tok("12+3=?\n")["input_ids"][:2] == [tok.convert_tokens_to_ids("1"), tok.convert_tokens_to_ids("2")]
