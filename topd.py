@@ -65,7 +65,7 @@ class TOPDConfig:
     min_gap: int = 8               # minimum distance between candidates, in tokens
     detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
     probe_samples: int = 4         # K continuations per model per candidate; K guidance windows per divergent state
-    probe_tokens: int = 131072     # the probe's memory bound: cached prefix tokens (states x K x length) per chunk
+    probe_tokens: int = 65536      # the probe's memory bound: cached prefix tokens (states x K x length) per chunk
     horizon: int = 32              # H tokens per continuation / window
     div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
     div_alpha: float = 0.5         # alpha of the relative rule
@@ -513,7 +513,7 @@ def state_chunks(prefix_lengths: torch.Tensor, k: int, max_tokens: int) -> list[
     The probe's memory is its KV caches: each continuation needs its own copy of its state's prefix in the batch,
     so a chunk of states costs k x sum(prefix lengths) cached tokens (per model; 147 KB per token for Qwen3-4B in
     bf16). At the toy's 30-token prefixes every state of a micro-batch fits in one chunk; at 16k-token prefixes the
-    default (131072) probes 2 states at a time. A state longer than the budget gets a chunk of its own.
+    default (65536) probes one state at a time. A state longer than the budget gets a chunk of its own.
     Example: lengths [10, 20, 30, 5], k 2, max 100 -> [[0, 1], [2, 3]] (60 tokens, then 70).
     """
     chunks, current, used = [], [], 0
@@ -532,7 +532,7 @@ def state_chunks(prefix_lengths: torch.Tensor, k: int, max_tokens: int) -> list[
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
                      keep_teacher_windows: bool = False, teacher_cache=None,
-                     max_tokens: int = 131072) -> Probe:
+                     max_tokens: int = 65536) -> Probe:
     """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
