@@ -104,8 +104,8 @@ FULL = {
     3: dict(extra=[], repeats=3),                          # the toy's defaults: 64 rollouts, micro-batch 32
     4: dict(batch=32, new_tokens=48, repeats=3),
     5: dict(lengths=(64, 128, 256, 512), batch=16, repeats=2, horizon=0),  # horizon 0 = the spec's default (32)
-    6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 4, 1024: 4, 2048: 2, 4096: 1}, vocab=151936, hidden=64,
-            layers=2, horizon=32, repeats=2, reference_length=2048),
+    6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 4, 1024: 2, 2048: 1, 4096: 1}, vocab=151936, hidden=64,
+            layers=2, horizon=32, repeats=1, reference_length=2048),
 }
 QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     1: dict(batch=4, prompt_len=(4, 16), new_tokens=16, vocab=32000, hidden=64, layers=2, repeats=2),
@@ -752,7 +752,7 @@ def section_memory(cfg, size, device, world, threads):
             if reference is not None and L == size["reference_length"]:
                 job = {"kind": "step", "world": str(qwen), "mode": "opd", "detector": "window", "horizon": H,
                        "extra": extra + ["--ignore-eos"], "steps": size["repeats"], "seed": cfg.seed,
-                       "device": device.type}
+                       "device": device.type}  # --ignore-eos: the reference revisions still had the flag
                 res["reference opd"] = run_child(job, threads, timeout=3600, code=reference)
             sec = {n: median(r["seconds"]) for n, r in res.items()}
             mem = {n: r["peak_bytes"] / 2**20 for n, r in res.items()}

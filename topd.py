@@ -491,11 +491,11 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
 @dataclass
 class Probe:
     """What the probe produced for one micro-batch: scores D (B, C), and, in topd mode, per chunk of states (see
-    probe_divergence), the states' indices into torch.nonzero(candidates >= 0), the student's encoded prefixes and the
-    teacher's continuations with its hidden states: at the divergent ones they are the guidance windows, no second
-    sampling needed."""
+    probe_divergence), the states' indices into torch.nonzero(candidates >= 0) and the teacher's continuations with
+    its hidden states: at the divergent ones they are the guidance windows, no second sampling needed. No KV cache
+    is kept: the divergent states' student prefixes are cut again from the rollout's cache (teacher_windows)."""
     scores: torch.Tensor
-    chunks: list = dataclasses.field(default_factory=list)  # [(state indices, EncodedPrefixes, Continuations)]
+    chunks: list = dataclasses.field(default_factory=list)  # [(state indices, Continuations)]
 
 
 def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) -> sample.EncodedPrefixes:
@@ -563,7 +563,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
         mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (n, K)
         scores[where[chunk, 0], where[chunk, 1]] = margin_w1(mu_teacher, mu_student)
         if keep_teacher_windows:
-            probe.chunks.append((chunk, s_enc, t_conts))
+            probe.chunks.append((chunk, t_conts))
     return probe
 
 
@@ -578,23 +578,25 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
     divergent states' rows are kept. The window detector samples them now, only at the divergent states."""
     where = torch.nonzero(candidates >= 0)
     is_divergent = divergent[where[:, 0], where[:, 1]]  # (N,) over the states in `where` order
+    rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]
     if probe is not None and probe.chunks:
         windows = []
-        for chunk, s_enc, t_conts in probe.chunks:
+        for chunk, t_conts in probe.chunks:
             picked = torch.nonzero(is_divergent[chunk]).squeeze(-1)  # indices into the chunk
             if len(picked):
-                windows.append(Windows(student_prefixes=s_enc.select(picked), teacher_conts=t_conts.select(picked)))
+                states = chunk[picked]
+                windows.append(Windows(teacher_conts=t_conts.select(picked), student_prefixes=state_prefixes(
+                    student, rollouts, rows[states], ts[states], rollouts.cache, pad_id)))
         return windows
     picked = torch.nonzero(is_divergent).squeeze(-1)
     if len(picked) == 0:
         return []
-    rows, ts = where[picked, 0], candidates[where[picked, 0], where[picked, 1]]
-    t_enc = state_prefixes(teacher, rollouts, rows, ts, teacher_cache, pad_id)
+    t_enc = state_prefixes(teacher, rollouts, rows[picked], ts[picked], teacher_cache, pad_id)
     conts = sample.sample_continuations(teacher, t_enc, k, horizon,
                                         sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
                                         eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_hidden=True)
-    return [Windows(student_prefixes=state_prefixes(student, rollouts, rows, ts, rollouts.cache, pad_id),
-                    teacher_conts=conts)]
+    return [Windows(student_prefixes=state_prefixes(student, rollouts, rows[picked], ts[picked], rollouts.cache,
+                                                    pad_id), teacher_conts=conts)]
 
 
 def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,
