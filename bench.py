@@ -104,7 +104,7 @@ FULL = {
     3: dict(extra=[], repeats=3),                          # the toy's defaults: 64 rollouts, micro-batch 32
     4: dict(batch=32, new_tokens=48, repeats=3),
     5: dict(lengths=(64, 128, 256, 512), batch=16, repeats=2, horizon=0),  # horizon 0 = the spec's default (32)
-    6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 4, 1024: 2, 2048: 1, 4096: 1}, vocab=151936, hidden=64,
+    6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 2, 1024: 2, 2048: 1, 4096: 1}, vocab=151936, hidden=64,
             layers=2, horizon=32, repeats=1, reference_length=2048),
 }
 QUICK = {  # every code path, minimal work: the ratios are noise at these sizes

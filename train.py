@@ -102,7 +102,8 @@ class TrainConfig(topd.TOPDConfig):
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
-    chunk_size: int = 1024         # positions per chunk in the fp32 log-softmax kernels
+    chunk_size: int = 256          # positions per chunk of the fused kernels: ~5 fp32 (chunk, V) temporaries live,
+                                   # 0.8 GB at Qwen's 151,936 columns (1024: 3.1 GB), whatever the rollout length
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     log_every: int = 1
     logp_check_every: int = 10     # steps between sampler-vs-learner log-prob checks (one extra pass over logits)
