@@ -6,6 +6,8 @@ model.safetensors, the tokenizer), plus trainer_state.pt (optimizer, scheduler, 
 run's config and id, the starting accuracy, the last metrics). The rules that keep a user's work safe:
 
   * one run per folder: a new run in a folder that holds another is refused unless --overwrite (prepare_out);
+  * under FSDP (train.py --parallel fsdp) the same HF folder, gathered on rank 0, and the optimizer state saved
+    sharded with torch.distributed.checkpoint in ckpt-*/optimizer/ (resharded on load if the process count changed);
   * written under a temporary name, renamed, then `latest` switched by one atomic rename: a crash mid-save leaves
     the previous checkpoint as latest;
   * rotation deletes only this run's checkpoints older than the one just written (save_checkpoint);
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import parallel
 
 
 # Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
@@ -72,17 +76,31 @@ def prepare_out(out: Path, cfg, rank: int) -> None:
                 p.unlink()
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, extra: dict):
+def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler, cfg, extra: dict, rank: int = 0):
     """Write out/ckpt-{step}, switch out/latest to it, then delete this run's checkpoints older than it beyond
     cfg.keep_checkpoints. extra["run_id"] names the run; rotation never touches another run's checkpoints, nor
-    one newer than the checkpoint just written."""
+    one newer than the checkpoint just written.
+
+    Every rank calls it. With a model sharded by FSDP it is a collective: the weights are gathered to rank 0 (the
+    HF folder is the same as without sharding) and each rank writes its shard of the optimizer state into
+    ckpt-*/optimizer/ with torch.distributed.checkpoint (trainer_state.pt then holds optimizer=None). Rank 0 writes
+    everything else and does the renames."""
     final = out / f"ckpt-{step:06d}"
-    tmp = out / f".tmp-ckpt-{step:06d}-{os.getpid()}"
-    if tmp.exists():
+    tmp = out / f".tmp-ckpt-{step:06d}"  # the same name on every rank: they all write into it under FSDP
+    sharded = parallel.is_sharded(model)
+    if rank == 0 and tmp.exists():  # a crashed save's leftovers
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)  # safetensors + config.json + generation_config.json
+    _barrier()
+    if sharded:
+        parallel.save_optimizer(model, optimizer, tmp / "optimizer")
+    weights = parallel.full_state_dict(model)  # a collective under FSDP; rank 0 gets the whole model, on the CPU
+    if rank != 0:
+        _barrier()  # wait until rank 0 has switched `latest`
+        return final
+    getattr(model, "module", model).save_pretrained(tmp, state_dict=weights)  # safetensors, config.json, ...
     tokenizer.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+    torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "step": step,
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "bad_steps": extra.get("bad_steps", 0)}, tmp / "trainer_state.pt")
@@ -97,7 +115,13 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
                    and checkpoint_run_id(p) == extra.get("run_id"))
     for old in older[:max(0, len(older) - (cfg.keep_checkpoints - 1))]:  # keep_checkpoints counts `final` too
         shutil.rmtree(old, ignore_errors=True)
+    _barrier()
     return final
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def checkpoint_run_id(path: Path) -> str | None:

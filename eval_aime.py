@@ -437,16 +437,19 @@ def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=Non
     eos, pad = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
     batches = [jobs[j:j + batch_size] for j in range(0, len(jobs), batch_size)]
     mine = list(range(rank, len(batches), world))
+    if sampling.lockstep:  # a sharded model (FSDP): every rank runs as many batches as rank 0, the extra one (a
+        # repeat of batch 0, not recorded) only to join the other ranks' collectives
+        mine += [-1] * (len(range(0, len(batches), world)) - len(mine))
     if progress:
         from tqdm import tqdm
         mine = tqdm(mine, desc="eval", unit="batch")
     records = []
     model.eval()
     for b in mine:
-        batch = batches[b]
+        batch = batches[max(b, 0)]
         ro = sample_rollouts(model, [prompt_ids[i] for i, _ in batch], sampling=sampling, eos_ids=eos, pad_id=pad,
                              generator=make_generator(seed, b, device=next(model.parameters()).device))
-        for row, (i, s) in enumerate(batch):
+        for row, (i, s) in enumerate(batch if b >= 0 else []):
             ids = ro.response_ids[row][ro.response_mask[row].bool()]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             extracted = extract_answer(text)

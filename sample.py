@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+import parallel
 from kernels import Head, token_logprobs
 
 
@@ -212,6 +213,8 @@ class SamplingConfig:
     top_p: float = 1.0         # 1.0 = off
     max_new_tokens: int = 256  # response length cap; rollouts that hit it are `truncated`
     vocab_size: int | None = None  # the TOKENIZER's size: columns at or past it get probability 0 (None = all)
+    lockstep: bool = False     # decode until the rows of EVERY rank have ended: required when the model is sharded
+                               # (FSDP: each forward is a collective, see parallel.py); costs one tiny all-reduce
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 \
@@ -248,9 +251,24 @@ def head_of(model, hidden: torch.Tensor) -> Head:
     logits differ from the model's own; teacher.self_check compares the two at the start of every run.
     """
     inner = getattr(model, "module", model)  # a DDP wrapper's module
+    return Head(hidden, _full_weight(inner, inner.get_output_embeddings()), *_logit_transform(inner))
+
+
+def _logit_transform(inner) -> tuple[float, float | None]:
+    """(scale, soft-cap) of the model family's final logit transform (see head_of)."""
     config = inner.config
     scale = float(getattr(inner, "logit_scale", None) or 1.0) / float(getattr(config, "logits_scaling", None) or 1.0)
-    return Head(hidden, inner.get_output_embeddings().weight, scale, getattr(config, "final_logit_softcapping", None))
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
+def _full_weight(inner, head_module) -> torch.Tensor:
+    """The LM head's weight as a full tensor; an FSDP shard (a DTensor) here is a bug of the caller."""
+    weight = head_module.weight
+    if hasattr(weight, "full_tensor"):
+        raise RuntimeError(f"the LM head of {type(inner).__name__} is sharded (FSDP) here: read it after a forward "
+                           "of the whole model and before its backward, when FSDP holds it unsharded "
+                           "(sample.hidden_states_out does), or keep it out of the sharding (parallel.shard_teacher)")
+    return weight
 
 
 @contextlib.contextmanager
@@ -258,18 +276,22 @@ def hidden_states_out(model):
     """Within this block, model(...).logits holds the final hidden states (what the LM head would read) instead of
     logits: the head is swapped for an identity and the family's logit transform switched off, so no (B, T, V)
     tensor is ever computed. Yields head_of(model, .) to turn those hidden states into a kernels.Head. The head's
-    weight is untouched (tied embeddings stay tied) and everything is restored on exit, errors included."""
+    weight is untouched (tied embeddings stay tied) and everything is restored on exit, errors included.
+
+    The yielded function reads the head's weight when it is CALLED, i.e. after the forward: under FSDP the root
+    module's weights are full tensors from its forward until its backward and shards (DTensors) otherwise
+    (parallel.py), so reading the weight before the forward would hand a shard to the loss."""
     inner = getattr(model, "module", model)
     head, config = inner.get_output_embeddings(), inner.config
     switched = [(obj, name, getattr(obj, name)) for obj, name in ((config, "final_logit_softcapping"),
                                                                    (inner, "logit_scale"), (config, "logits_scaling"))
                 if getattr(obj, name, None) is not None]
-    spec = head_of(model, torch.zeros(0))  # weight, scale and soft-cap, read before anything is switched off
+    transform = _logit_transform(inner)  # read before it is switched off
     inner.set_output_embeddings(torch.nn.Identity())
     for obj, name, _ in switched:
         setattr(obj, name, None if name == "final_logit_softcapping" else 1.0)
     try:
-        yield lambda hidden: Head(hidden, spec.weight, spec.scale, spec.softcap)
+        yield lambda hidden: Head(hidden, _full_weight(inner, head), *transform)  # the weight as it is NOW
     finally:
         inner.set_output_embeddings(head)
         for obj, name, value in switched:
@@ -317,21 +339,26 @@ def _decode(model, cache, first_logits, attention_mask, next_position, num_steps
     next_position (N,) is the position id of the first new token. Returns tokens (N, S), their sampler log-probs
     (N, S), the valid mask (N, S): 1 up to and including the first EOS, 0 after (rows that finished keep being fed
     `pad_id`, which nothing ever attends to through the mask). S <= num_steps: decoding stops early once every row
-    has ended.
+    has ended (with cfg.lockstep: every row of every rank, so that all ranks run the same number of forwards).
     """
     eos = torch.as_tensor(eos_ids, device=first_logits.device)
     done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=first_logits.device)
     tokens, logps, valid = [], [], []
     logits = first_logits
+    finished = False  # every row of THIS rank has ended (under lockstep another rank may still be decoding)
     for step in range(num_steps):
-        token, logp = _draw(logits, cfg, generator)  # (N,), (N,)
+        if finished:  # lockstep only: feed padding, draw nothing, so the random stream is the one without lockstep
+            token, logp = torch.full_like(done, pad_id, dtype=torch.long), torch.zeros(done.shape, device=done.device)
+        else:
+            token, logp = _draw(logits, cfg, generator)  # (N,), (N,)
         token = torch.where(done, pad_id, token)
         valid.append(~done)  # tokens up to and including the EOS are valid
         tokens.append(token)
         logps.append(logp)
         done = done | torch.isin(token, eos)
-        if step == num_steps - 1 or bool(done.all()):  # one host sync per token, as in HF generate
-            break
+        finished = bool(done.all())  # one host sync per token, as in HF generate
+        if step == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep, done.device):
+            break  # (under lockstep: one all-reduce of a single flag per token, "is any rank still decoding?")
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
         logits = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]
         next_position = next_position + 1
@@ -450,7 +477,7 @@ def cache_rows(cache, rows: torch.Tensor, width: int, repeats: int = 1):
     return out
 
 
-def check_prefix_cache(model) -> None:
+def check_prefix_cache(model, cut: bool = False) -> None:
     """Raise ValueError unless every layer of this model keeps per-token keys and values that can be cut to a prefix.
 
     The probe and the guidance windows start from states s_t cut out of a KV cache (prefixes_from_cache) or encoded
@@ -458,7 +485,8 @@ def check_prefix_cache(model) -> None:
     Linear-attention / state-space layers (Qwen3-Next's gated delta net, Mamba, hybrid models) keep a recurrent
     state instead: it cannot be cropped to an earlier position, and left padding leaks into it. Those models would
     get WRONG prefixes silently, so they are refused here, naming the layer type, before any compute.
-    Sliding-window layers are fine: their prefixes are re-encoded (see prefixes_from_cache).
+    Sliding-window layers are fine: their prefixes are re-encoded (see prefixes_from_cache), except with cut=True
+    (models sharded with FSDP: a re-encoding is a forward that only the ranks with divergent states would run).
     """
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
@@ -467,9 +495,13 @@ def check_prefix_cache(model) -> None:
     layer_types = list(getattr(config, "layer_types", None) or getattr(getattr(config, "text_config", None),
                                                                          "layer_types", None) or [])
     for i, layer in enumerate(getattr(cache, "layers", [])):
+        kind = layer_types[i] if i < len(layer_types) else "?"
+        if cut and type(layer) is DynamicSlidingWindowLayer:
+            raise ValueError(f"layer {i} of {type(model).__name__} is a sliding-window layer ({kind!r}): its prefixes "
+                             "are re-encoded, not cut from the rollout's cache, which --parallel fsdp does not "
+                             "support yet (the ranks' forwards would differ). Use --parallel ddp or --mode opd.")
         if type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) or type(layer).__name__ == "DummyLayer":
             continue
-        kind = layer_types[i] if i < len(layer_types) else "?"
         raise ValueError(
             f"layer {i} of {type(model).__name__} is of type {kind!r} (cache {type(layer).__name__}): it keeps a "
             "recurrent state, not per-token keys and values, so the probe and the guidance windows cannot start "

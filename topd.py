@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+import parallel
 import sample
 import teacher as teacher_lib
 from kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
@@ -457,14 +458,15 @@ class Detection:
 @torch.no_grad()
 def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, cfg: TOPDConfig, *, special_ids,
            pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-           windows_generator: torch.Generator | None = None, teacher_cache=None) -> Detection:
+           windows_generator: torch.Generator | None = None, teacher_cache=None, lockstep: bool = False) -> Detection:
     """Sec. 2-3 and the windows of sec. 5 for one micro-batch: candidates, D, the threshold rule, and (topd mode) the
     teacher's windows at the divergent states. The models must be in eval() (sample.eval_mode).
 
     special_ids: ids never to pick as candidates (sample.special_token_ids). teacher_cache: the teacher's KV cache of
     these rollouts from its scoring pass (teacher.score_rollouts(cache=...)); with rollouts.cache (the sampler's)
     the probe and the windows cut their prefixes out of them instead of re-encoding. generator draws the probe's
-    continuations, windows_generator (default: the same) the window detector's guidance windows.
+    continuations, windows_generator (default: the same) the window detector's guidance windows. lockstep: the
+    models are sharded (FSDP), so every rank must run the same forwards whatever its candidates (parallel.py).
     """
     mask = rollouts.response_mask
     special = torch.isin(rollouts.response_ids, torch.as_tensor(list(special_ids), device=mask.device))
@@ -474,7 +476,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
         probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
                                  pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
                                  keep_teacher_windows=cfg.mode == "topd", teacher_cache=teacher_cache,
-                                 max_tokens=cfg.probe_tokens)
+                                 max_tokens=cfg.probe_tokens, lockstep=lockstep)
         scores = probe.scores
     else:
         scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
@@ -484,7 +486,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
         windows = teacher_windows(student, teacher, rollouts, candidates, divergent, k=cfg.probe_samples,
                                   horizon=cfg.horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
                                   generator=windows_generator or generator, probe=probe,
-                                  teacher_cache=teacher_cache)
+                                  teacher_cache=teacher_cache, lockstep=lockstep)
     return Detection(candidates=candidates, scores=scores, divergent=divergent, windows=windows)
 
 
@@ -532,7 +534,7 @@ def state_chunks(prefix_lengths: torch.Tensor, k: int, max_tokens: int) -> list[
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
                      keep_teacher_windows: bool = False, teacher_cache=None,
-                     max_tokens: int = 65536) -> Probe:
+                     max_tokens: int = 65536, lockstep: bool = False) -> Probe:
     """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
@@ -542,17 +544,20 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     own log-probs are exact, so each continuation needs one extra scoring pass, by the other model only. States are
     probed in chunks of at most max_tokens cached prefix tokens (state_chunks, `--probe-tokens`), which bounds the
     memory at any rollout length; the teacher's window data is kept as hidden states, never as logits.
+    lockstep (FSDP): every rank probes as many chunks as the busiest rank; a rank with fewer probes a stand-in
+    state (its first rollout after one token) in the chunks it lacks and drops the result.
     """
     where = torch.nonzero(candidates >= 0)  # (N, 2): (row, slot) of every real candidate
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     probe = Probe(scores=scores)
-    if len(where) == 0:
-        return probe
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
-    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size)  # the policies themselves
-    for chunk in state_chunks(rollouts.prompt_lens[rows] + ts, k, max_tokens):
-        s_enc = state_prefixes(student, rollouts, rows[chunk], ts[chunk], rollouts.cache, pad_id)
-        t_enc = state_prefixes(teacher, rollouts, rows[chunk], ts[chunk], teacher_cache, pad_id)
+    chunks = state_chunks(rollouts.prompt_lens[rows] + ts, k, max_tokens) if len(where) else []
+    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)  # the policies
+    for i in range(parallel.max_over_ranks(len(chunks), lockstep, candidates.device)):
+        chunk = chunks[i] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), result dropped
+        state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
+        s_enc = state_prefixes(student, rollouts, state_rows, state_ts, rollouts.cache, pad_id)
+        t_enc = state_prefixes(teacher, rollouts, state_rows, state_ts, teacher_cache, pad_id)
         s_conts = sample.sample_continuations(student, s_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
                                               pad_id=pad_id, generator=generator)
         t_conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=probe_sampling, eos_ids=eos_ids,
@@ -561,25 +566,33 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
         student_on_teacher = teacher_lib.score_continuations(student, s_enc, t_conts, vocab_size=vocab_size)
         mu_student = continuation_margin(teacher_on_student, s_conts.logprobs, s_conts.mask)  # (n, K)
         mu_teacher = continuation_margin(t_conts.logprobs, student_on_teacher, t_conts.mask)  # (n, K)
-        scores[where[chunk, 0], where[chunk, 1]] = margin_w1(mu_teacher, mu_student)
-        if keep_teacher_windows:
-            probe.chunks.append((chunk, t_conts))
+        if chunk is not None:
+            scores[where[chunk, 0], where[chunk, 1]] = margin_w1(mu_teacher, mu_student)
+            if keep_teacher_windows:
+                probe.chunks.append((chunk, t_conts))
     return probe
+
+
+def _stand_in_state(device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, ts) of one state that every rollout batch has, row 0 after its first response token: what a rank
+    with nothing (more) to probe runs so that its forwards match the other ranks' under FSDP."""
+    return torch.zeros(1, dtype=torch.long, device=device), torch.ones(1, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
 def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, divergent, *, k: int, horizon: int,
                     pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-                    probe: Probe | None = None, teacher_cache=None) -> list[Windows]:
+                    probe: Probe | None = None, teacher_cache=None, lockstep: bool = False) -> list[Windows]:
     """The guidance windows of sec. 5 at the divergent states, as a list of Windows (empty when no state is
     divergent): one per probe chunk that has a divergent state, or one in all for the window detector.
 
     With the probe detector they exist already (the teacher's probe continuations, hidden states kept): only the
-    divergent states' rows are kept. The window detector samples them now, only at the divergent states."""
+    divergent states' rows are kept. The window detector samples them now, only at the divergent states (under
+    lockstep, a rank with none samples a stand-in state's windows when another rank has some, and drops them)."""
     where = torch.nonzero(candidates >= 0)
     is_divergent = divergent[where[:, 0], where[:, 1]]  # (N,) over the states in `where` order
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]
-    if probe is not None and probe.chunks:
+    if probe is not None:  # (with no chunk kept: no divergent state here; under lockstep, no collective either)
         windows = []
         for chunk, t_conts in probe.chunks:
             picked = torch.nonzero(is_divergent[chunk]).squeeze(-1)  # indices into the chunk
@@ -589,12 +602,15 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
                     student, rollouts, rows[states], ts[states], rollouts.cache, pad_id)))
         return windows
     picked = torch.nonzero(is_divergent).squeeze(-1)
-    if len(picked) == 0:
+    if not parallel.any_rank(len(picked) > 0, lockstep, candidates.device):
         return []
-    t_enc = state_prefixes(teacher, rollouts, rows[picked], ts[picked], teacher_cache, pad_id)
-    conts = sample.sample_continuations(teacher, t_enc, k, horizon,
-                                        sampling=sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size),
-                                        eos_ids=eos_ids, pad_id=pad_id, generator=generator, keep_hidden=True)
+    state_rows, state_ts = (rows[picked], ts[picked]) if len(picked) else _stand_in_state(candidates.device)
+    t_enc = state_prefixes(teacher, rollouts, state_rows, state_ts, teacher_cache, pad_id)
+    sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)
+    conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=sampling, eos_ids=eos_ids,
+                                        pad_id=pad_id, generator=generator, keep_hidden=True)
+    if len(picked) == 0:  # the stand-in's windows: run for the other ranks' sake only
+        return []
     return [Windows(student_prefixes=state_prefixes(student, rollouts, rows[picked], ts[picked], rollouts.cache,
                                                     pad_id), teacher_conts=conts)]
 

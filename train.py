@@ -39,7 +39,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -50,10 +49,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import parallel
 import sample
 import teacher as teacher_lib
 import topd
 from kernels import token_logprobs
+from parallel import all_reduce, grad_sync
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ class TrainConfig(topd.TOPDConfig):
     chunk_size: int = 256          # positions per chunk of the fused kernels: ~5 fp32 (chunk, V) temporaries live,
                                    # 0.8 GB at Qwen's 151,936 columns (1024: 3.1 GB), whatever the rollout length
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
+    parallel: str = "ddp"          # ddp: a full replica of both models per rank | fsdp: both sharded (parallel.py)
     log_every: int = 1
     logp_check_every: int = 10     # steps between sampler-vs-learner log-prob checks (one extra pass over logits)
     self_check: bool = True        # at start: score one rollout twice and through the KV cache; fail on disagreement
@@ -112,7 +114,7 @@ class TrainConfig(topd.TOPDConfig):
 
 
 CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
-           "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"),
+           "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"), "parallel": parallel.LAYOUTS,
            "dtype": ("auto", "float32", "bfloat16"), "enable_thinking": ("", "true", "false")}
 
 
@@ -170,31 +172,12 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed and model-mode helpers (torchrun-native; the same code runs with 1 process)
+# Logging and model-mode helpers (process groups, DDP / FSDP and collectives: parallel.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-def dist_init(device_kind: str):
-    """(rank, world, local_rank). torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world 1."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x
-
 
 def print0(*args, rank: int = 0, **kw):
     if rank == 0:
         print(*args, **kw, flush=True)
-
-
-def grad_sync(model, sync: bool):
-    """DDP synchronises gradients in every backward unless told not to: only the step's last backward should."""
-    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def set_checkpointing(model, on: bool):
@@ -277,8 +260,8 @@ class Run:
     world: int
     device: torch.device
     autocast: object            # a context-manager factory: bf16 autocast on CUDA, a no-op on CPU
-    student: torch.nn.Module    # the raw module (sampling, probing, saving)
-    model: torch.nn.Module      # what the loss goes through: DDP(student), or the student itself
+    student: torch.nn.Module    # the raw module (sampling, probing, saving); under FSDP the sharded module itself
+    model: torch.nn.Module      # what the loss goes through: DDP(student), or the student itself (FSDP, 1 process)
     teacher: torch.nn.Module
     tokenizer: object
     optimizer: torch.optim.Optimizer
@@ -291,6 +274,7 @@ class Run:
     eos_ids: list               # every stop token (bench.py sets [-1] to sample exactly max_new_tokens)
     special_ids: list           # never candidates: special and added tokens of the tokenizer, EOS included
     run_id: str                 # names this run's checkpoints (rotation deletes only its own)
+    lockstep: bool = False      # the models are sharded: every rank runs the same forwards (parallel.py)
     accuracy_before: float | None = None  # held-out accuracy at step 0, carried through resumes
     start_step: int = 0
     bad_steps: int = 0
@@ -346,18 +330,15 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     # --- models, optimiser, schedule ---
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
     teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, torch.bfloat16 if use_bf16 else torch.float32)
+    lockstep = cfg.parallel == "fsdp" and world > 1
     if cfg.mode != "opd":  # the probe and the guidance windows start from prefixes cut out of KV caches
-        sample.check_prefix_cache(student)
-        sample.check_prefix_cache(teacher)
+        for m in (student, teacher):
+            sample.check_prefix_cache(m, cut=lockstep)
     if cfg.gradient_checkpointing:
         set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
     student.train()
-    model = student
-    if dist.is_initialized():
-        # broadcast_buffers=False: LLMs have no buffers that need syncing (rotary tables are recomputed identically
-        # on every rank), and a broadcast in every forward would be one more collective to keep in step.
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[local_rank] if device_kind == "cuda" else None, broadcast_buffers=False)
+    model = parallel.wrap_student(student, cfg.parallel, device_kind, local_rank)  # DDP, FSDP (in place) or itself
+    teacher = parallel.shard_teacher(teacher, cfg.parallel)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
 
@@ -374,10 +355,13 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
               prompt_ids=prompt_ids, eval_rows=eval_rows, vocab_size=vocab_size,
               pad_id=sample.pad_token_id(tokenizer), eos_ids=eos_ids,
               special_ids=sample.special_token_ids(tokenizer, eos_ids),
-              run_id=meta.get("run_id") or checkpoint.new_run_id())
+              run_id=meta.get("run_id") or checkpoint.new_run_id(), lockstep=lockstep)
     if resume_from is not None:
         state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"] is None:  # saved sharded (--parallel fsdp); DCP reshards for another process count
+            parallel.load_optimizer(student, optimizer, resume_from / "optimizer")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         run.scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng(state)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
@@ -404,7 +388,7 @@ def teacher_self_check(run: Run, log) -> None:
     """teacher.self_check on a few real rollouts of the student before training starts (trap 20)."""
     cfg = run.cfg
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
-                                     vocab_size=run.vocab_size)
+                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
     with torch.no_grad(), sample.eval_mode(run.student), run.autocast():
         ro = sample.sample_rollouts(run.student, run.prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
                                     eos_ids=run.eos_ids, generator=sample.make_generator(cfg.seed, -1, run.rank))
@@ -420,7 +404,7 @@ def held_out_accuracy(run: Run) -> float:
 
     cfg = run.cfg
     sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=run.vocab_size)
+                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
     with sample.eval_mode(run.student):
         _, records = evaluate(run.student, run.tokenizer, run.eval_rows, k=1, sampling=sampling, seed=cfg.seed,
                               batch_size=250, instruction=cfg.instruction, chat_template=cfg.chat_template,
@@ -450,7 +434,7 @@ def train_step(run: Run, step: int) -> dict:
     # teacher scoring build anyway, so that no prefix is ever encoded twice
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=run.vocab_size)
+                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
     with clock("sample"), torch.no_grad(), sample.eval_mode(run.student), run.autocast():
         rollouts = [sample.sample_rollouts(run.student, [run.prompt_ids[i] for i in indices[rows]],
                                            sampling=sampling, pad_id=run.pad_id, eos_ids=run.eos_ids,
@@ -477,7 +461,7 @@ def train_step(run: Run, step: int) -> dict:
 
     # ---- 4. metrics over micro-batches and ranks, clip, step (or skip a non-finite step) ----
     metrics = topd.reduce_stats(stats, all_reduce=all_reduce if run.world > 1 else None)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.grad_clip)
+    grad_norm = parallel.plain_tensor(torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.grad_clip))
     finite = math.isfinite(metrics.get("opd/loss", float("nan"))) and bool(torch.isfinite(grad_norm))
     if finite:
         run.optimizer.step()
@@ -500,9 +484,9 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
     Returns (statistics, the guidance windows found here: a list, empty outside topd mode)."""
     cfg = run.cfg
     teacher_cache = sample.new_cache(run.teacher) if ro.cache is not None else None  # the probe reuses it
-    with clock("teacher"), run.autocast():
+    with clock("teacher"), run.autocast():  # full: a kernels.Head over (b, R, d); sampled: (b, R) log-probs
         teacher_out = teacher_lib.score_rollouts(run.teacher, ro, cfg.kl, vocab_size=run.vocab_size,
-                                                 chunk_size=cfg.chunk_size, cache=teacher_cache)  # (b, R, V) / (b, R)
+                                                 chunk_size=cfg.chunk_size, cache=teacher_cache)
     with clock("train"), grad_sync(run.model, sync):
         with run.autocast():  # the fused path: (b, R, d) hidden states with grad, no (b, R, V) logits
             s_head = teacher_lib.response_head(run.model, ro)
@@ -515,13 +499,15 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
             with clock("probe"), sample.eval_mode(run.student), run.autocast():
                 d = topd.detect(run.student, run.teacher, ro, token_loss, cfg, special_ids=run.special_ids,
                                 pad_id=run.pad_id, eos_ids=run.eos_ids, vocab_size=run.vocab_size,
-                                generator=generators[0], windows_generator=generators[1], teacher_cache=teacher_cache)
+                                generator=generators[0], windows_generator=generators[1], teacher_cache=teacher_cache,
+                                lockstep=run.lockstep)
             found = d.windows
             detection = dict(candidates=d.candidates, scores=d.scores, divergent=d.divergent,
                              suppress_weight=cfg.suppress_weight)
         loss, stats = topd.opd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **detection)
-        (loss * run.world).backward()  # DDP AVERAGES gradients over ranks; sum over all tokens / N needs * world
-    stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size))
+        # before the backward: under FSDP the head's full weight, which s_head reads, is freed by it
+        stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size))
+        (loss * run.world).backward()  # DDP and FSDP AVERAGE gradients over ranks; sum over tokens / N needs * world
     ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
     return stats, found
 
@@ -536,8 +522,7 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     local_total = sum((topd.guide_weights(w.teacher_conts.mask, cfg.guide_decay).sum() for w in windows),
                       torch.zeros((), device=run.device))
     guide_total = all_reduce(local_total.clone()).clamp(min=1e-9)
-    rounds = all_reduce(torch.tensor(len(windows), device=run.device), dist.ReduceOp.MAX if run.world > 1 else None)
-    rounds = max(int(rounds), 1)  # at least one round: it carries the gradient synchronisation
+    rounds = max(parallel.max_over_ranks(len(windows), run.world > 1, run.device), 1)  # >= 1: it carries the sync
     stats = [topd.no_guidance_stats()]  # the same keys on every rank, windows or not
     for r in range(rounds):
         with grad_sync(run.model, r == rounds - 1), run.autocast(), \
@@ -614,7 +599,7 @@ def format_line(m: dict, total_steps: int) -> str:
 def main(argv=None):
     cfg = parse_config(argv)
     device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    rank, world, local_rank = dist_init(device_kind)
+    rank, world, local_rank = parallel.dist_init(device_kind)
     try:
         return train(cfg, device_kind, rank, world, local_rank)
     finally:
@@ -670,14 +655,12 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
         if run.eval_rows and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
             evaluate(step + 1)
         if (cfg.save_every and (step + 1) % cfg.save_every == 0) or done:
-            checksums = checkpoint.all_gather_checksum(run.student, world)
-            if rank == 0:
-                checkpoint.save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler,
-                                           cfg, {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
-                                                 "bad_steps": run.bad_steps, "metrics": metrics,
-                                                 "param_checksums": checksums})
-            if dist.is_initialized():
-                dist.barrier()
+            # DDP replicas must be equal (a desync check); FSDP shards are different by design
+            checksums = None if run.lockstep else checkpoint.all_gather_checksum(run.student, world)
+            checkpoint.save_checkpoint(out, step + 1, run.student, run.tokenizer, run.optimizer, run.scheduler, cfg,
+                                       {"run_id": run.run_id, "accuracy_before": run.accuracy_before,
+                                        "bad_steps": run.bad_steps, "metrics": metrics,
+                                        "param_checksums": checksums}, rank=rank)
     if bar is not None:
         bar.close()
     if run.eval_rows:

@@ -53,7 +53,7 @@ def _imports():
 
 def test_imports_run_one_way():
     graph = _imports()
-    order = ["kernels", "sample", "teacher", "topd", "checkpoint", "eval_aime", "toy", "train", "bench",
+    order = ["kernels", "parallel", "sample", "teacher", "topd", "checkpoint", "eval_aime", "toy", "train", "bench",
              "reproduce"]
     rank = {m: i for i, m in enumerate(order)}
     for module, deps in graph.items():
@@ -61,5 +61,5 @@ def test_imports_run_one_way():
             for dep in deps:
                 assert rank[dep] < rank[module], (module, dep)  # strictly downwards: no cycle possible
     assert "train" not in graph["toy"] and "train" not in graph["topd"]
-    for core in ("kernels", "sample", "teacher", "topd"):
+    for core in ("kernels", "parallel", "sample", "teacher", "topd"):
         assert not graph[core] & {"train", "toy", "bench", "reproduce"}, core

@@ -1,0 +1,212 @@
+"""
+parallel.py -- how the two models are spread over the processes of a torchrun job, and what keeps them in step.
+
+    torchrun --standalone --nproc_per_node=8 train.py --parallel fsdp --student ... --teacher ...   # one 8-GPU node
+    torchrun --standalone --nproc_per_node=2 train.py --parallel fsdp                                # the same on CPU
+
+Two layouts (train.py --parallel):
+
+  ddp   every rank holds the whole student (fp32 weights, gradients, AdamW: 16 B per parameter) and the whole
+        teacher; gradients are all-reduced once per step. The default: simplest, fastest when both models fit.
+  fsdp  torch's FSDP2 (`fully_shard`): the student is sharded per decoder layer and at the root, so each rank
+        holds 1/world of its weights, gradients and optimizer state, and all-gathers one layer at a time for the
+        forward and backward; the teacher is sharded the same way for inference (no gradients, no optimizer). A
+        Qwen3-4B student (64 GB of fp32 training state) and a Qwen3-30B-A3B teacher (61 GB in bf16) need this on
+        80 GB GPUs: each of 8 ranks holds 8 + 7.6 GB of them.
+
+What FSDP asks of the rest of the code, and where it is done:
+
+  * Every forward of a sharded model is a collective (each layer's all-gather), so every rank must run the SAME
+    sequence of forwards of the same models, whatever its own data. Sampling stops when the rows of ALL ranks have
+    ended (sample._decode asks any_rank), the probe runs as many chunks of states as the busiest rank has
+    (topd.probe_divergence asks max_over_ranks; a rank with fewer probes a stand-in state and drops the result),
+    the guidance phase runs as many rounds as the busiest rank (train.guidance_phase, as under DDP), and evaluation
+    gives every rank the same number of batches (eval_aime.evaluate). A rank that skipped one forward would hang
+    the job: tests/test_parallel.py runs one rank whose rollouts all stop at their first token beside one whose
+    rollouts all run to the cap, in every mode, under a timeout.
+  * The fused head-and-loss (kernels.Head) reads the LM head's weight outside the module's own forward. Under
+    FSDP2 that attribute is a shard (a DTensor) between forwards; the root module keeps its parameters unsharded
+    from its forward until its backward (FSDP2 never reshards the root after forward), so sample.hidden_states_out
+    reads the weight AFTER the forward, where it is the full tensor and its gradient reaches FSDP's
+    reduce-scatter like any other. The teacher, which has no backward, keeps its embedding and LM head out of the
+    sharding (replicated: 0.6 GB each for Qwen3-30B-A3B in bf16), so the Heads it hands over stay valid for the
+    whole step.
+  * Gradient accumulation: set_requires_gradient_sync(False) on every backward but the step's last (grad_sync),
+    the same rule as DDP's no_sync(). Both average gradients over ranks, hence train.py's loss * world.
+  * Checkpoints: the HF folder is gathered on rank 0 (full_state_dict, offloaded to CPU) so that transformers and
+    vLLM load it as before; the optimizer state is saved sharded with torch.distributed.checkpoint (DCP), each
+    rank writing its own shard, and DCP reshards it on load when the number of processes changed.
+
+Mixed precision under FSDP on CUDA: bf16 parameters for compute, fp32 gradient reduction, fp32 master weights and
+optimizer state (MixedPrecisionPolicy); on CPU everything is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+LAYOUTS = ("ddp", "fsdp")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Process group and collectives (the same calls work with 1 process: they do nothing)
+# ----------------------------------------------------------------------------------------------------------------
+
+def dist_init(device_kind: str):
+    """(rank, world, local_rank). torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, 0
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (SUM by default) when a process group exists; x itself otherwise."""
+    if dist.is_initialized():
+        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+    return x
+
+
+def any_rank(flag: bool, lockstep: bool, device) -> bool:
+    """flag OR-ed over all ranks when the models are sharded (lockstep), else flag: "is any rank still busy?"."""
+    if not (lockstep and dist.is_initialized()):
+        return flag
+    return bool(all_reduce(torch.tensor([int(flag)], device=device), dist.ReduceOp.MAX))
+
+
+def max_over_ranks(n: int, lockstep: bool, device) -> int:
+    """The largest n of any rank under lockstep (how many forwards everyone must run), else n."""
+    if not (lockstep and dist.is_initialized()):
+        return n
+    return int(all_reduce(torch.tensor([n], device=device), dist.ReduceOp.MAX))
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def grad_sync(model, sync: bool):
+    """Only the step's last backward should reduce gradients over ranks: DDP's no_sync() on the others, FSDP's
+    set_requires_gradient_sync(False) (gradients then accumulate unsharded on each rank until the last one)."""
+    if is_sharded(model):
+        return _fsdp_sync(model, sync)
+    return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+
+@contextlib.contextmanager
+def _fsdp_sync(model, sync: bool):
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The two layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The transformer blocks of an HF causal LM (the unit of sharding: one all-gather per block)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None) or getattr(getattr(inner, "decoder", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found at model.model.layers; --parallel fsdp "
+                         "needs to know the blocks to shard")
+    return list(layers)
+
+
+def wrap_student(model, layout: str, device_kind: str, local_rank: int = 0):
+    """The module the loss goes through: DDP(model), the model sharded in place by FSDP2, or the model itself
+    (1 process). Sampling, probing and saving use the same object under FSDP (the sharded module is the model)."""
+    if not dist.is_initialized():
+        return model
+    if layout == "ddp":
+        # broadcast_buffers=False: LLMs have no buffers that need syncing (rotary tables are recomputed identically
+        # on every rank), and a broadcast in every forward would be one more collective to keep in step.
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local_rank] if device_kind == "cuda" else None, broadcast_buffers=False)
+    import warnings
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # the fused path makes the model return its final hidden states, a slice (a view) of the last layer's output;
+    # nothing modifies them in place, which is what FSDP's warning about views is about
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    # fp32 master weights stay in the shards; on CUDA the all-gathered copies are bf16 and gradients are reduced
+    # in fp32. On CPU (tests) everything stays fp32, so FSDP and DDP give the same numbers to rounding.
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if device_kind == "cuda" else MixedPrecisionPolicy())
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm, LM head
+    return model
+
+
+def shard_teacher(model, layout: str):
+    """The teacher under FSDP: decoder layers sharded for inference (each all-gathered for its forward and freed
+    after it); the embedding and the LM head stay whole on every rank (ignored_params) so that the hidden-state
+    Heads it hands to the loss keep a valid weight for the whole step. Under DDP the teacher is simply replicated."""
+    if layout != "fsdp" or not dist.is_initialized():
+        return model
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in decoder_layers(model):
+        fully_shard(layer)
+    whole = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
+    fully_shard(model, ignored_params=whole)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints under FSDP
+# ----------------------------------------------------------------------------------------------------------------
+
+def full_state_dict(model) -> dict | None:
+    """The whole model's state dict, gathered to rank 0 on the CPU (a collective: every rank calls it; the others
+    get None). Under DDP or with 1 process it is the module's own state dict."""
+    if not is_sharded(model):
+        return getattr(model, "module", model).state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    # gathered one by one, tied parameters (the LM head and the embedding) come back as two tensors: keep the first
+    # name only, as the model's own state dict would, so save_pretrained writes the folder an unsharded run writes
+    seen = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            state.pop(name, None)
+        seen.add(id(param))
+    return state
+
+
+def save_optimizer(model, optimizer, folder) -> None:
+    """The optimizer state: sharded with DCP (every rank writes its own shard into `folder`) under FSDP."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer(model, optimizer, folder) -> None:
+    """Inverse of save_optimizer; DCP reshards when the checkpoint was written by another number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the structure to fill (state initialised)
+    dcp.load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor (e.g. the gradient norm of sharded parameters) as an ordinary tensor; others unchanged."""
+    return x.full_tensor() if hasattr(x, "full_tensor") else x

@@ -1,0 +1,162 @@
+"""parallel.py and train.py --parallel fsdp on the CPU (gloo, 2 processes, the --fast toy world's tiny models):
+FSDP gives DDP's weights, resumes exactly, never hangs when the ranks' rollouts have different lengths, shards a
+mixture-of-experts teacher, and writes checkpoints that plain from_pretrained loads."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import ROOT, _args, _metrics, _run, _weights  # the same helpers as the DDP tests
+
+
+def _untied_copy(src: Path, dst: Path) -> Path:
+    """The toy student (tied embeddings) as an untied model with the same function: lm_head a copy of the
+    embedding, so both FSDP cases (tied, untied head) can be tested."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    state = {k: v for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = model.get_input_embeddings().weight.detach().clone()
+    untied.load_state_dict(state)
+    untied.save_pretrained(dst)
+    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    shutil.copy(src / "generation_config.json", dst / "generation_config.json")
+    return dst
+
+
+@pytest.mark.parametrize("mode, tied", [("opd", False), ("topd", True)])
+def test_fsdp_gives_the_weights_of_ddp(fast_world, tmp_path, mode, tied):
+    """Same data, same seeds, 2 processes: FSDP2 (sharded weights, gradients and AdamW state, the fused head reading
+    the root's unsharded weight) must give the weights DDP gives, to 1e-5, and a checkpoint that plain
+    from_pretrained loads. topd runs the probe (lockstep chunks) and the guidance phase; the tied case is the toy's
+    own student, the untied one a copy with a separate LM head."""
+    from transformers import AutoModelForCausalLM
+
+    world, _ = fast_world
+    student = world / "student" if tied else _untied_copy(world / "student", tmp_path / "untied")
+    common = ["--student", str(student), "--steps", "2", "--rollout-batch", "8", "--micro-batch", "2", "--mode", mode,
+              "--detector", "probe", "--probe-samples", "2", "--horizon", "6", "--eval-every", "0", "--lr", "1e-3"]
+    _run(_args(world, tmp_path / "ddp", *common), nproc=2)
+    proc = _run(_args(world, tmp_path / "fsdp", *common, "--parallel", "fsdp"), nproc=2)
+    assert "2 process(es) on cpu" in proc.stdout
+    a, b = _weights(tmp_path / "ddp" / "ckpt-000002"), _weights(tmp_path / "fsdp" / "ckpt-000002")
+    init = _weights(student)
+    assert sorted(a) == sorted(b)
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-4  # training really moved the weights
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), (k, (a[k] - b[k]).abs().max().item())
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "ckpt-000002")  # the HF folder, as is
+    assert loaded.config.tie_word_embeddings == tied
+    for name, p in loaded.state_dict().items():
+        if name in b:
+            assert torch.equal(p, b[name]), name
+    assert torch.equal(loaded.get_output_embeddings().weight, b.get("lm_head.weight", b["model.embed_tokens.weight"]))
+    ma, mb = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
+    for ra, rb in zip(ma, mb):
+        assert ra["opd/teacher_kl"] == pytest.approx(rb["opd/teacher_kl"], rel=1e-5)
+    if mode == "topd":
+        assert all(r["guide/tokens"] > 0 for r in mb)  # the guidance phase really ran under FSDP
+    # the optimizer state is saved sharded (one DCP shard per rank), not in trainer_state.pt
+    assert (tmp_path / "fsdp" / "ckpt-000002" / "optimizer" / ".metadata").exists()
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(fast_world, tmp_path):
+    """2 steps, stop, --resume for 2 more (optimizer state reloaded from its DCP shards) == 4 steps in one go."""
+    world, _ = fast_world
+    common = ["--steps", "4", "--rollout-batch", "4", "--micro-batch", "2", "--mode", "opd", "--eval-every", "0",
+              "--lr", "1e-3", "--parallel", "fsdp", "--no-self-check"]
+    _run(_args(world, tmp_path / "whole", *common), nproc=2)
+    _run(_args(world, tmp_path / "split", *common, "--stop-at-step", "2"), nproc=2)
+    _run(_args(world, tmp_path / "split", *common, "--resume"), nproc=2)
+    a, b = _weights(tmp_path / "whole" / "ckpt-000004"), _weights(tmp_path / "split" / "ckpt-000004")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [r["step"] for r in _metrics(tmp_path / "split")] == [1, 2, 3, 4]
+
+
+# Rank 0's rollouts all end at their first token (every token id is a stop token there, and so a special token:
+# no candidates on rank 0 either), rank 1's never stop and run to the cap: the ranks' sampling loops, probes,
+# guidance rounds and evaluation batches all differ in length. Without lockstep the first collective that one
+# rank skips hangs the job; the timeout turns that into a failure.
+_UNEVEN = """
+import os, sys
+sys.path.insert(0, {root!r})
+import sample, train
+rank = int(os.environ["RANK"])
+sample.eos_token_ids = lambda model, tokenizer: list(range(len(tokenizer))) if rank == 0 else [-1]
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("mode, detector", [("opd", "probe"), ("opd_suppress", "window"), ("opd_suppress", "probe"),
+                                            ("topd", "window"), ("topd", "probe")])
+def test_fsdp_never_hangs_when_the_ranks_rollouts_differ_in_length(fast_world, tmp_path, mode, detector):
+    world, _ = fast_world
+    driver = tmp_path / "uneven.py"
+    driver.write_text(_UNEVEN.format(root=str(ROOT)))
+    out = tmp_path / "out"
+    args = _args(world, out, "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode", mode,
+                 "--detector", detector, "--probe-samples", "2", "--horizon", "4", "--max-new-tokens", "12",
+                 "--eval-prompts", str(world / "test.jsonl"), "--eval-limit", "6", "--parallel", "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = _metrics(out)[0]
+    # half the rollouts (rank 0's) have 1 token, the other half the cap: the mean length tells both really ran
+    assert m["rollout/len_mean"] == pytest.approx((1 + 12) / 2)
+    if mode == "topd":
+        assert m["guide/tokens"] > 0  # rank 1 had windows, rank 0 none: phase B still finished
+    assert (out / "latest").read_text() == "ckpt-000001"
+
+
+def _tiny_moe_teacher(world: Path, dst: Path) -> Path:
+    """A Qwen3-MoE model (4 experts, 2 per token) over the toy's vocabulary and tokenizer, random weights."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(world / "teacher")
+    gen = GenerationConfig.from_pretrained(world / "teacher")
+    config = Qwen3MoeConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            num_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
+                            tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=gen.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(config).save_pretrained(dst)
+    tok.save_pretrained(dst)
+    gen.save_pretrained(dst)
+    return dst
+
+
+def test_a_mixture_of_experts_teacher_is_sharded_and_scores_like_the_unsharded_one(fast_world, tmp_path):
+    """The paper's teacher is a mixture of experts (Qwen3-30B-A3B): a tiny Qwen3-MoE teacher, sharded by FSDP in a
+    topd run on 2 processes, gives the same first-step teacher KL as the same run under DDP, where it is whole."""
+    world, _ = fast_world
+    teacher = _tiny_moe_teacher(world, tmp_path / "moe")
+    common = ["--teacher", str(teacher), "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode",
+              "topd", "--detector", "window", "--horizon", "4", "--eval-every", "0"]
+    _run(_args(world, tmp_path / "ddp", *common), nproc=2)
+    proc = _run(_args(world, tmp_path / "fsdp", *common, "--parallel", "fsdp"), nproc=2)
+    assert "teacher self-check" in proc.stdout  # the fused head of the sharded MoE matched its own logits
+    a, b = _metrics(tmp_path / "ddp")[0], _metrics(tmp_path / "fsdp")[0]
+    assert a["opd/teacher_kl"] > 0.1  # a random teacher: far from the student, so the comparison means something
+    assert b["opd/teacher_kl"] == pytest.approx(a["opd/teacher_kl"], rel=1e-5)
+
+
+def test_layout_helpers_without_a_process_group():
+    """With one process there is nothing to shard or synchronise: the helpers are no-ops, not errors."""
+    import parallel
+
+    model = torch.nn.Linear(2, 2)
+    assert parallel.wrap_student(model, "fsdp", "cpu") is model and parallel.shard_teacher(model, "fsdp") is model
+    assert parallel.any_rank(True, True, "cpu") is True and parallel.any_rank(False, True, "cpu") is False
+    assert parallel.max_over_ranks(3, True, "cpu") == 3
+    with pytest.raises(ValueError, match="no decoder layers"):
+        parallel.decoder_layers(model)
