@@ -36,7 +36,7 @@ import parallel
 # method half-way, so resume refuses it.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
                      "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
-                     "gradient_checkpointing"}
+                     "gradient_checkpointing", "sync_every_backward"}
 
 
 def resume_differences(saved: dict, cfg) -> list[str]:

@@ -107,6 +107,8 @@ class TrainConfig(topd.TOPDConfig):
                                    # 0.8 GB at Qwen's 151,936 columns (1024: 3.1 GB), whatever the rollout length
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     parallel: str = "ddp"          # ddp: a full replica of both models per rank | fsdp: both sharded (parallel.py)
+    sync_every_backward: bool = False  # reduce gradients after EVERY backward, not only the step's last: more
+                                       # communication, but under FSDP no unsharded fp32 gradients (4 B x params)
     log_every: int = 1
     logp_check_every: int = 10     # steps between sampler-vs-learner log-prob checks (one extra pass over logits)
     self_check: bool = True        # at start: score one rollout twice and through the KV cache; fail on disagreement
@@ -448,7 +450,7 @@ def train_step(run: Run, step: int) -> dict:
     # ---- 2. phase A: L_OPD(w), micro-batch by micro-batch; in topd mode the last guidance backward syncs ----
     stats, windows = [], []
     for j, ro in enumerate(rollouts):
-        sync = cfg.mode != "topd" and j == len(rollouts) - 1
+        sync = cfg.sync_every_backward or (cfg.mode != "topd" and j == len(rollouts) - 1)
         part, found = opd_phase(run, ro, num_tokens, sync=sync, generators=(generator(j, 1), generator(j, 2)),
                                 clock=clock, check_logp=step % cfg.logp_check_every == 0)
         stats.append(part)
@@ -525,7 +527,7 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     rounds = max(parallel.max_over_ranks(len(windows), run.world > 1, run.device), 1)  # >= 1: it carries the sync
     stats = [topd.no_guidance_stats()]  # the same keys on every rank, windows or not
     for r in range(rounds):
-        with grad_sync(run.model, r == rounds - 1), run.autocast(), \
+        with grad_sync(run.model, cfg.sync_every_backward or r == rounds - 1), run.autocast(), \
                 without_checkpointing(run.student, cfg.gradient_checkpointing):
             if r < len(windows):
                 window_kl = topd.guidance_kl(run.model, windows[r], vocab_size=run.vocab_size,
