@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 
 # Default number of positions processed at once by the chunked log-softmax kernels below. Peak extra memory is
-# about 4 fp32 tensors of (CHUNK, V): 1024 x 152k x 4 B x 4 = 2.5 GB for Qwen's vocabulary, 0.5 GB for V=32k.
-DEFAULT_CHUNK = 1024
+# about 4 fp32 tensors of (CHUNK, V): 256 x 152k x 4 B x 4 = 0.6 GB for Qwen's vocabulary (1024: 2.5 GB), whatever
+# the number of positions. Every caller that does not pass its own chunk_size gets this one (train.py --chunk-size).
+DEFAULT_CHUNK = 256
 
 # Log-probabilities are clamped from below before they multiply anything. A teacher that assigns exactly zero
 # probability to a token the student likes (a -inf logit, e.g. a masked special token) would otherwise produce
@@ -195,7 +196,8 @@ def token_logprobs(logits: torch.Tensor, ids: torch.Tensor, *, vocab_size: int |
     """log pi(ids[..., t] | s_t) in fp32, differentiable, O(chunk x V) extra memory (and, with return_entropy,
     the distribution's entropy per position, detached: the `entropy` diagnostic of the `sampled` estimator).
 
-    logits: (..., V) logits, or a Head (the fused path: no (..., V) tensor is ever built) -- ALREADY ALIGNED with ids: logits[..., t, :] is the distribution that produced ids[..., t].
+    logits: (..., V) logits, or a Head (the fused path: no (..., V) tensor is ever built), ALREADY ALIGNED with ids:
+    logits[..., t, :] is the distribution that produced ids[..., t].
     For a causal LM over a sequence x this means logits[:, :-1] against x[:, 1:] (OPD trap 1); the callers in
     sample.py / teacher.py do that shift once, with a worked example, so nothing here shifts anything.
     Returns (...) fp32.
@@ -224,7 +226,8 @@ def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor, *, vocab_size:
     Returns (...) fp32 (and the entropy of p, detached, when return_entropy).
     """
     if p_logits.shape[:-1] != q_logits.shape[:-1]:
-        raise ValueError(f"logit shapes differ before the vocab dim: {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
+        raise ValueError(f"logit shapes differ before the vocab dim: {tuple(p_logits.shape)} vs "
+                         f"{tuple(q_logits.shape)}")
     width = _shared_vocab(p_logits, q_logits, vocab_size=vocab_size)
     lead = p_logits.shape[:-1]
     if isinstance(p_logits, Head) != isinstance(q_logits, Head):
@@ -304,6 +307,11 @@ def _head_logits(x, w, width, scale, softcap):
     return torch.tanh(z / softcap) * softcap, z
 
 
+def _log_softmax_(z: torch.Tensor) -> torch.Tensor:
+    """log_softmax of fp32 logits (c, V) over the last dim, IN PLACE (z is consumed): no second (c, V) tensor."""
+    return z.sub_(torch.logsumexp(z, -1, keepdim=True))
+
+
 def _head_backward(dz, pre, x, w, width, scale, softcap, need_x, need_w, grad_x, grad_w, rows):
     """Chain d loss / d logits (c, width) fp32 through soft-cap and scale into hidden[rows] and weight[:width]."""
     if softcap is not None:
@@ -311,9 +319,9 @@ def _head_backward(dz, pre, x, w, width, scale, softcap, need_x, need_w, grad_x,
     if scale != 1.0:
         dz = dz * scale
     if need_x:
-        grad_x[rows] = (dz @ w[:width].to(dz.dtype)).to(grad_x.dtype)  # (c, d)
-    if need_w:
-        grad_w[:width] += dz.T @ x.to(dz.dtype)  # (width, d), accumulated in fp32 over chunks
+        torch.mm(dz, w[:width].to(dz.dtype), out=grad_x[rows])  # (c, d), written in place
+    if need_w:  # (width, d), accumulated in fp32 over chunks IN PLACE: `grad_w += dz.T @ x` would allocate a
+        grad_w[:width].addmm_(dz.T, x.to(dz.dtype))  # second (width, d) fp32 tensor per chunk (1.6 GB for Qwen3-4B)
 
 
 class _HeadKL(torch.autograd.Function):
@@ -326,9 +334,9 @@ class _HeadKL(torch.autograd.Function):
     def forward(ctx, xa, wa, xb, wb, spec_a, spec_b, width, chunk_size):
         kl = torch.empty(xa.shape[0], dtype=torch.float32, device=xa.device)
         entropy = torch.empty_like(kl)
-        for rows in _position_chunks(xa.shape[0], chunk_size):
-            logp = torch.log_softmax(_head_logits(xa[rows], wa, width, *spec_a)[0], -1)  # (c, V) fp32
-            logq = torch.log_softmax(_head_logits(xb[rows], wb, width, *spec_b)[0], -1)
+        for rows in _position_chunks(xa.shape[0], chunk_size):  # at most 3 (c, V) fp32 tensors live at once
+            logp = _log_softmax_(_head_logits(xa[rows], wa, width, *spec_a)[0])  # (c, V) fp32, in place
+            logq = _log_softmax_(_head_logits(xb[rows], wb, width, *spec_b)[0])
             p = logp.exp()
             p_logp = torch.linalg.vecdot(p, logp)
             kl[rows], entropy[rows] = p_logp - torch.linalg.vecdot(p, logq), -p_logp
@@ -343,17 +351,18 @@ class _HeadKL(torch.autograd.Function):
         (spec_a, spec_b), width = ctx.specs, ctx.width
         need = ctx.needs_input_grad[:4]
         grads = [torch.zeros_like(t, dtype=torch.float32) if n else None for t, n in zip((xa, wa, xb, wb), need)]
-        for rows in _position_chunks(xa.shape[0], ctx.chunk_size):
+        for rows in _position_chunks(xa.shape[0], ctx.chunk_size):  # 4 (c, V) fp32 tensors live at most
             g = grad_kl[rows].float().unsqueeze(-1)  # (c, 1)
             za, pre_a = _head_logits(xa[rows], wa, width, *spec_a)
             zb, pre_b = _head_logits(xb[rows], wb, width, *spec_b)
-            logp, logq = torch.log_softmax(za, -1), torch.log_softmax(zb, -1)
+            logp, logq = _log_softmax_(za), _log_softmax_(zb)  # in place: za and zb are gone
             p = logp.exp()
-            if need[0] or need[1]:
-                dz = g * p * (logp - logq - kl[rows, None])
+            if need[0] or need[1]:  # d kl / d z_a = g p (log p - log q - kl), built in place in logp's buffer
+                dz = logp.sub_(logq).sub_(kl[rows, None]).mul_(p).mul_(g)
                 _head_backward(dz, pre_a, xa[rows], wa, width, *spec_a, need[0], need[1], grads[0], grads[1], rows)
-            if need[2] or need[3]:
-                dz = g * (logq.exp() - p)
+                del dz, logp
+            if need[2] or need[3]:  # d kl / d z_b = g (q - p), in logq's buffer
+                dz = logq.exp_().sub_(p).mul_(g)
                 _head_backward(dz, pre_b, xb[rows], wb, width, *spec_b, need[2], need[3], grads[2], grads[3], rows)
         out = [None if gr is None else gr.to(t.dtype) for gr, t in zip(grads, (xa, wa, xb, wb))]
         return (*out, None, None, None, None)
@@ -368,7 +377,7 @@ class _HeadTokenLogprob(torch.autograd.Function):
         out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         entropy = torch.full_like(out, math.nan)
         for rows in _position_chunks(x.shape[0], chunk_size):
-            logp = torch.log_softmax(_head_logits(x[rows], w, width, *spec)[0], -1)  # (c, V)
+            logp = _log_softmax_(_head_logits(x[rows], w, width, *spec)[0])  # (c, V) fp32
             out[rows] = logp.gather(-1, ids[rows, None]).squeeze(-1)
             if with_entropy:
                 entropy[rows] = -torch.linalg.vecdot(logp.exp(), logp)

@@ -191,8 +191,6 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
     and 2e-2 for bf16 / fp16 ones (their kernels round differently between a batched and an incremental pass).
     Raises RuntimeError naming the check that failed.
     """
-
-
     dtype = next(model.parameters()).dtype
     tolerance = tolerance if tolerance is not None else (1e-4 if dtype == torch.float32 else 2e-2)
     mask = rollouts.response_mask.bool()  # (B, R)

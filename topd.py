@@ -233,7 +233,8 @@ def margin_w1(teacher_margins: torch.Tensor, student_margins: torch.Tensor) -> t
     measure (large D). Example: mu_T = [3, 1], mu_S = [0, 0] -> (|1 - 0| + |3 - 0|) / 2 = 2.0.
     """
     if teacher_margins.shape != student_margins.shape:
-        raise ValueError(f"margin sets differ in shape: {tuple(teacher_margins.shape)} vs {tuple(student_margins.shape)}")
+        raise ValueError(f"margin sets differ in shape: {tuple(teacher_margins.shape)} vs "
+                         f"{tuple(student_margins.shape)}")
     t_sorted = teacher_margins.float().sort(dim=-1).values
     s_sorted = student_margins.float().sort(dim=-1).values
     return (t_sorted - s_sorted).abs().mean(dim=-1)
@@ -651,7 +652,8 @@ def main():
     print("window D (mean l of next 3):", [round(x, 2) for x in D[0].tolist()])
     div = divergent_mask(D, cands >= 0, alpha=0.5)
     print("divergent (mean + 0.5 std):", div[0].tolist())
-    print("probe D for margins mu_T=[3,1], mu_S=[0,0]:", margin_w1(torch.tensor([[3.0, 1.0]]), torch.tensor([[0.0, 0.0]])).item())
+    d = margin_w1(torch.tensor([[3.0, 1.0]]), torch.tensor([[0.0, 0.0]])).item()
+    print("probe D for margins mu_T=[3,1], mu_S=[0,0]:", d)
     N = mask.sum()
     for mode in MODES:
         window_kl = window_mask = None

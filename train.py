@@ -53,7 +53,7 @@ import parallel
 import sample
 import teacher as teacher_lib
 import topd
-from kernels import token_logprobs
+from kernels import DEFAULT_CHUNK, token_logprobs
 from parallel import all_reduce, grad_sync
 
 
@@ -103,8 +103,8 @@ class TrainConfig(topd.TOPDConfig):
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
-    chunk_size: int = 256          # positions per chunk of the fused kernels: ~5 fp32 (chunk, V) temporaries live,
-                                   # 0.8 GB at Qwen's 151,936 columns (1024: 3.1 GB), whatever the rollout length
+    chunk_size: int = DEFAULT_CHUNK  # positions per chunk of the fused kernels (256): ~4 fp32 (chunk, V) temporaries
+                                     # live, 0.6 GB at Qwen's 151,936 columns (1024: 2.5 GB), whatever the length
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     parallel: str = "ddp"          # ddp: a full replica of both models per rank | fsdp: both sharded (parallel.py)
     sync_every_backward: bool = False  # reduce gradients after EVERY backward, not only the step's last: more
@@ -411,7 +411,7 @@ def held_out_accuracy(run: Run) -> float:
         _, records = evaluate(run.student, run.tokenizer, run.eval_rows, k=1, sampling=sampling, seed=cfg.seed,
                               batch_size=250, instruction=cfg.instruction, chat_template=cfg.chat_template,
                               enable_thinking=None if not cfg.enable_thinking else cfg.enable_thinking == "true",
-                              integer_range=tuple(int(x) for x in cfg.eval_range.split(",")) if cfg.eval_range else None,
+                              integer_range=tuple(map(int, cfg.eval_range.split(","))) if cfg.eval_range else None,
                               max_prompt_len=cfg.max_prompt_len, rank=run.rank, world=run.world)
     counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
     all_reduce(counts)
@@ -508,7 +508,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
                              suppress_weight=cfg.suppress_weight)
         loss, stats = topd.opd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **detection)
         # before the backward: under FSDP the head's full weight, which s_head reads, is freed by it
-        stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size))
+        stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size, cfg.chunk_size))
         (loss * run.world).backward()  # DDP and FSDP AVERAGE gradients over ranks; sum over tokens / N needs * world
     ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
     return stats, found
@@ -541,7 +541,7 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     return stats
 
 
-def rollout_stats(ro: sample.Rollouts, learner=None, vocab_size=None) -> dict:
+def rollout_stats(ro: sample.Rollouts, learner=None, vocab_size=None, chunk_size: int = DEFAULT_CHUNK) -> dict:
     """Length, truncation and EOS of the rollouts; with the learner's kernels.Head, the sampler-vs-learner log-prob
     gap (trap 14: ~0 unless padding, positions or dtypes differ between sampling and training)."""
     n = torch.tensor(float(len(ro.truncated)))
@@ -550,7 +550,7 @@ def rollout_stats(ro: sample.Rollouts, learner=None, vocab_size=None) -> dict:
              "rollout/eos_frac": (n - truncated, n)}
     if learner is not None:
         with torch.no_grad():
-            logp = token_logprobs(learner, ro.response_ids, vocab_size=vocab_size)
+            logp = token_logprobs(learner, ro.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
             stats["rollout/logp_mismatch"] = (((logp - ro.logprobs).abs() * ro.response_mask).sum(),
                                               ro.response_mask.sum().float())
     return stats
@@ -591,7 +591,8 @@ def format_line(m: dict, total_steps: int) -> str:
     if "guide/loss" in m:
         line += f" | guide {m['guide/loss']:.3f}"
     return line + (f" | len {m['rollout/len_mean']:.1f} | trunc {m['rollout/truncated_frac']:.2f} | gn "
-                   f"{m['grad_norm']:.2f} | lr {m['lr']:.1e} | tok/s {m['tokens_per_s']:.0f} | {m['time/step'] * 1000:.0f}ms")
+                   f"{m['grad_norm']:.2f} | lr {m['lr']:.1e} | tok/s {m['tokens_per_s']:.0f} | "
+                   f"{m['time/step'] * 1000:.0f}ms")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -668,7 +669,8 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
     if run.eval_rows:
         results["accuracy_after"] = evaluate(last_step)
         print0(f"held-out accuracy: before {results['accuracy_before']:.1%} -> after {results['accuracy_after']:.1%} "
-               f"({cfg.mode}{'' if cfg.mode == 'opd' else ', ' + cfg.detector + ' detector'}, {last_step} steps)", rank=rank)
+               f"({cfg.mode}{'' if cfg.mode == 'opd' else ', ' + cfg.detector + ' detector'}, {last_step} steps)",
+               rank=rank)
     if rank == 0:
         (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **results}, indent=2))
     return results
