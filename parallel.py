@@ -128,10 +128,15 @@ def wrap_student(model, layout: str, device_kind: str, local_rank: int = 0):
     if not dist.is_initialized():
         return model
     if layout == "ddp":
-        # broadcast_buffers=False: LLMs have no buffers that need syncing (rotary tables are recomputed identically
-        # on every rank), and a broadcast in every forward would be one more collective to keep in step.
-        return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device_kind == "cuda" else None, broadcast_buffers=False)
+        # No buffer sync in forward: LLMs have no buffers that need it (rotary tables are recomputed identically on
+        # every rank), and a broadcast in every forward would be one more collective to keep in step. The flag was
+        # renamed in torch 2.13 (forward_sync_buffers); older versions only know broadcast_buffers.
+        import inspect
+
+        ddp = torch.nn.parallel.DistributedDataParallel
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                   else {"broadcast_buffers": False})
+        return ddp(model, device_ids=[local_rank] if device_kind == "cuda" else None, **no_sync)
     import warnings
 
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -257,7 +257,8 @@ def main(argv=None):
     if args.self_check:
         r = self_check(teacher, ro, vocab_size=vocab)
         print(f"teacher self-check passed on {r['tokens']} response tokens: KL(teacher || teacher) between two "
-              f"passes {r['repeat']:.2e}, plain vs KV-cached pass {r['cached']:.2e} (tolerance {r['tolerance']:g})")
+              f"passes {r['repeat']:.2e}, plain vs KV-cached pass {r['cached']:.2e}, own vs fused-head logits "
+              f"{r['fused']:.2e} (tolerance {r['tolerance']:g})")
         return r
     with torch.no_grad():
         # reverse KL per token, KL(student || teacher): what topd.per_token_kl computes, from the kernel itself

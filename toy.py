@@ -27,7 +27,8 @@ the method working. This file builds a complete, small world from nothing, with 
 Commands:
     python toy.py                   # build runs/toy/ (about 5 minutes on 2 cores), print both accuracies
     python toy.py --fast            # the quick test world (under a minute)
-    python toy.py --report          # detector report on rollouts of the finished student (needs the build)
+    python toy.py --report          # detector report on rollouts of the finished student, and the mechanism page
+                                    # runs/toy/mechanism.html (+ .png): every token coloured by its loss
 """
 
 from __future__ import annotations
@@ -528,19 +529,12 @@ FORK_LABELS = (ERROR, AFTER_ERROR)  # a candidate at or after the first wrong to
 
 
 @torch.no_grad()
-def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
-                    seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
-                    probe_samples: int = 4, div_alpha: float = 0.5, div_threshold: float | None = None,
-                    max_new_tokens: int = 48) -> dict:
-    """Sample the student on held-out prompts, score with the teacher, label every token, and measure:
-
-      top1/top5        share of each label among the top 1% / 5% tokens by full-vocab reverse KL
-      D_after          mean near-future divergence D of each detector at EVERY surface token and EVERY first error
-                       (s_t taken right before the token, as for a candidate), the cleanest "can it tell" number
-      candidates       label mix of the high-loss candidates (select_candidates), the paper's "~30%" question
-      detectors        per detector: non-divergent fraction, precision / recall of "divergent" for real forks
-                       (relative rule with div_alpha, or the absolute div_threshold when given)
-    """
+def labelled_rollouts(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
+                      seed: int = 0, max_new_tokens: int = 48) -> dict:
+    """The student's rollouts on the first num_prompts held-out prompts, each token's reverse KL to the teacher
+    (l_t, full vocabulary) and its ground-truth label: what the detector report and the mechanism page look at.
+    Returns {student, teacher, tok, rows, rollouts, loss (B, R), mask (B, R) bool, labels (B lists of R strings,
+    "" past the end), special (B, R) bool: tokens that can never be candidates}."""
     import teacher as teacher_lib
     import topd
 
@@ -558,6 +552,31 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
         toks = tok.convert_ids_to_tokens(ro.response_ids[b][mask[b]].tolist())
         lab, _ = label_tokens(parse_prompt(row["prompt"]), toks)
         labels.append(lab + [""] * (mask.shape[1] - len(lab)))
+    special = torch.isin(ro.response_ids, torch.tensor(sample.special_token_ids(tok, [EOS_ID])))
+    return {"student": student, "teacher": teacher, "tok": tok, "rows": rows, "rollouts": ro, "loss": loss,
+            "mask": mask, "labels": labels, "special": special}
+
+
+@torch.no_grad()
+def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
+                    seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
+                    probe_samples: int = 4, div_alpha: float = 0.5, div_threshold: float | None = None,
+                    max_new_tokens: int = 48) -> dict:
+    """Sample the student on held-out prompts, score with the teacher, label every token, and measure:
+
+      top1/top5        share of each label among the top 1% / 5% tokens by full-vocab reverse KL
+      D_after          mean near-future divergence D of each detector at EVERY surface token and EVERY first error
+                       (s_t taken right before the token, as for a candidate), the cleanest "can it tell" number
+      candidates       label mix of the high-loss candidates (select_candidates), the paper's "~30%" question
+      detectors        per detector: non-divergent fraction, precision / recall of "divergent" for real forks
+                       (relative rule with div_alpha, or the absolute div_threshold when given)
+    """
+    import topd
+
+    scored = labelled_rollouts(world, student_path=student_path, num_prompts=num_prompts, seed=seed,
+                               max_new_tokens=max_new_tokens)
+    student, teacher, tok, rows, ro = (scored[k] for k in ("student", "teacher", "tok", "rows", "rollouts"))
+    loss, mask, labels, special = scored["loss"], scored["mask"], scored["labels"], scored["special"]
     flat = [(float(loss[b, t]), labels[b][t]) for b in range(len(rows)) for t in range(mask.shape[1]) if mask[b, t]]
     flat.sort(key=lambda x: -x[0])
     kinds = (SURFACE, CORRECT, ERROR, AFTER_ERROR)
@@ -568,8 +587,6 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
 
     report = {"prompts": len(rows), "tokens": len(flat), "label_share": mix(flat),
               "top1": mix(flat[:max(1, len(flat) // 100)]), "top5": mix(flat[:max(1, len(flat) // 20)])}
-
-    special = torch.isin(ro.response_ids, torch.tensor(sample.special_token_ids(tok, [EOS_ID])))
 
     def probe(cands, generator):  # the probe's D at the given candidates, exactly as train.py runs it
         return topd.probe_divergence(student, teacher, ro, cands, k=probe_samples, horizon=horizon, pad_id=PAD_ID,
@@ -635,6 +652,127 @@ def print_report(r: dict) -> None:
               f"{d['surface_flagged_divergent']:.0%}")
 
 
+# How the page colours a token: its reverse KL l_t as the red channel's opacity, saturating at LOSS_CAP nats; and how
+# it marks a candidate: a box, solid when the probe calls it divergent, dashed when not; blue for a real fork
+# (an error or a token after one), orange for a token that is not one (a harmless "," or a correct but unsure
+# token). So a dashed orange box (suppressed, harmless) and a solid blue box (guided, a fork) are the detector right;
+# a solid orange or a dashed blue box is the detector wrong.
+LOSS_CAP = 4.0
+
+
+@torch.no_grad()
+def mechanism_page(world: str | Path = "runs/toy", out: str | Path | None = None, *, num_rollouts: int = 12,
+                   seed: int = 0, horizon: int | None = None, probe_samples: int = 4, num_candidates: int = 4,
+                   min_gap: int = 8, div_alpha: float = 0.5) -> Path:
+    """A page for readers: the first num_rollouts held-out rollouts of the (undistilled) student, every token
+    coloured by its loss, the candidates boxed, each candidate's D under both detectors, the relative rule's
+    decision, and its ground-truth label. Writes `out` (default world/mechanism.html) and, with matplotlib installed,
+    the same picture as a PNG next to it. Detector settings are the toy's training defaults (horizon 8)."""
+    import html
+
+    import topd
+
+    horizon = horizon or TRAIN_DEFAULTS["horizon"]
+    out = Path(out or Path(world) / "mechanism.html")
+    scored = labelled_rollouts(world, num_prompts=num_rollouts, seed=seed, max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    tok, rows, ro, loss, mask = (scored[k] for k in ("tok", "rows", "rollouts", "loss", "mask"))
+    labels = scored["labels"]
+    cands = topd.select_candidates(loss, mask, num_candidates, min_gap, scored["special"])  # (B, C)
+    valid = cands >= 0
+    scores = {"window": topd.window_divergence(loss, mask, cands, horizon),
+              "probe": topd.probe_divergence(scored["student"], scored["teacher"], ro, cands, k=probe_samples,
+                                             horizon=horizon, pad_id=PAD_ID, eos_ids=[EOS_ID], vocab_size=len(tok),
+                                             generator=sample.make_generator(seed, 2)).scores}
+    divergent = {name: topd.divergent_mask(d, valid, alpha=div_alpha) for name, d in scores.items()}
+    right = {name: 0 for name in scores}
+    blocks, pictures = [], []
+    for b in range(len(rows)):
+        toks = tok.convert_ids_to_tokens(ro.response_ids[b][mask[b]].tolist())
+        slot = {int(cands[b, c]): c for c in range(cands.shape[1]) if valid[b, c]}  # position -> candidate slot
+        spans, table = [], []
+        for t, text in enumerate(toks):
+            shown = html.escape({"\n": "⏎"}.get(text, text))
+            alpha = min(float(loss[b, t]) / LOSS_CAP, 1.0)
+            tip = f"t={t} loss={float(loss[b, t]):.2f} label={labels[b][t]}"
+            style = f"background: rgba(214, 39, 40, {alpha:.2f})"
+            if t in slot:
+                c = slot[t]
+                fork = labels[b][t] in FORK_LABELS
+                for name in scores:
+                    right[name] += int(bool(divergent[name][b, c]) == fork)
+                style += (f"; border: 2px {'solid' if divergent['probe'][b, c] else 'dashed'} "
+                          f"{'#1f77b4' if fork else '#ff7f0e'}")
+                tip += f" | D window {float(scores['window'][b, c]):.2f}, probe {float(scores['probe'][b, c]):.2f}"
+                table.append(
+                    f"<tr><td>{t}</td><td><code>{shown}</code></td><td>{labels[b][t]}</td>"
+                    f"<td>{float(loss[b, t]):.2f}</td>"
+                    + "".join(f"<td>{float(scores[n][b, c]):.2f} ({'div' if divergent[n][b, c] else 'non-div'}, "
+                              f"{'right' if bool(divergent[n][b, c]) == fork else 'wrong'})</td>" for n in scores)
+                    + "</tr>")
+            spans.append(f'<span class="tok" style="{style}" title="{html.escape(tip)}">{shown}</span>')
+        answer_ok = labels[b] and ERROR not in labels[b]
+        blocks.append(
+            f"<h3>rollout {b + 1}: <code>{html.escape(rows[b]['prompt'].strip())}</code> "
+            f"({'no error' if answer_ok else 'has an error'})</h3><div class='line'>{''.join(spans)}</div>"
+            "<table><tr><th>t</th><th>token</th><th>label</th><th>loss</th><th>window D (rule)</th>"
+            f"<th>probe D (rule)</th></tr>{''.join(table)}</table>")
+        pictures.append((toks, loss[b, :len(toks)].tolist(), {t: (labels[b][t] in FORK_LABELS,
+                                                                   bool(divergent["probe"][b, slot[t]]))
+                                                               for t in slot}))
+    total = int(valid.sum())
+    summary = ", ".join(f"{name} {right[name]}/{total} candidates decided right" for name in scores)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = "TOPD on the toy world: which high-loss tokens are forks"
+    out.write_text(f"""<!doctype html><meta charset="utf-8"><title>{title}</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}} .line{{font-family:monospace;font-size:1.3em;
+line-height:2.2em}} .tok{{padding:2px 1px;margin:0 1px}} table{{border-collapse:collapse;font-size:.9em}}
+td,th{{border:1px solid #ccc;padding:2px 6px}}</style>
+<h1>Which high-loss tokens are real forks?</h1>
+<p>{len(rows)} held-out rollouts of the undistilled student (<code>{html.escape(str(world))}</code>, seed {seed}).
+Each token's background is its per-token reverse KL to the teacher (full vocabulary; white = 0, full red &ge;
+{LOSS_CAP:g} nats; hover for numbers). Boxes are TOPD's candidates (top {num_candidates} per rollout, gap
+{min_gap}): <b style="color:#1f77b4">blue</b> = a real fork by the ground-truth labels (an error, or a token after
+one), <b style="color:#ff7f0e">orange</b> = not a fork (a harmless <code>,</code> or a correct token); <b>solid</b> =
+the probe calls it divergent (kept and guided), <b>dashed</b> = non-divergent (suppressed). Solid blue and dashed
+orange are the detector right. Horizon H = {horizon}, K = {probe_samples}, relative rule (alpha {div_alpha}).</p>
+<p>On this page: {summary}. Produced by <code>python toy.py --report</code>.</p>
+{''.join(blocks)}
+""")
+    _mechanism_png(pictures, out.with_suffix(".png"))
+    return out
+
+
+def _mechanism_png(pictures, path: Path) -> Path | None:
+    """The page's token lines as a PNG (matplotlib, optional): one row per rollout."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    width = max(len(toks) for toks, _, _ in pictures)
+    fig, ax = plt.subplots(figsize=(0.28 * width + 1, 0.45 * len(pictures) + 1))
+    for row, (toks, losses, boxes) in enumerate(pictures):
+        y = len(pictures) - 1 - row
+        for t, (text, value) in enumerate(zip(toks, losses)):
+            ax.add_patch(plt.Rectangle((t, y), 0.95, 0.8, color=(0.84, 0.15, 0.16, min(value / LOSS_CAP, 1.0))))
+            if t in boxes:
+                fork, div = boxes[t]
+                ax.add_patch(plt.Rectangle((t, y), 0.95, 0.8, fill=False, lw=2, ls="-" if div else "--",
+                                           edgecolor="#1f77b4" if fork else "#ff7f0e"))
+            ax.text(t + 0.47, y + 0.4, {"\n": "⏎"}.get(text, text), ha="center", va="center", fontsize=8,
+                    family="monospace")
+    ax.set_xlim(0, width)
+    ax.set_ylim(0, len(pictures))
+    ax.axis("off")
+    ax.set_title("per-token reverse KL (red), candidates boxed: blue = real fork, orange = not; solid = probe says "
+                 "divergent, dashed = suppressed", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="build the toy world (teacher, student, prompts)")
     parser.add_argument("--out", default=None, help="output folder (default runs/toy, or runs/toy-fast with --fast)")
@@ -653,6 +791,7 @@ def main(argv=None):
           f"{a['teacher']['t1']:.1%} at T=1 | student {a['student']['greedy']:.1%} greedy / {a['student']['t1']:.1%} at T=1")
     if args.report:
         print_report(detector_report(out))
+        print(f"mechanism page: {mechanism_page(out)} (and a .png beside it when matplotlib is installed)")
 
 
 if __name__ == "__main__":

@@ -395,8 +395,8 @@ def teacher_self_check(run: Run, log) -> None:
         ro = sample.sample_rollouts(run.student, run.prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
                                     eos_ids=run.eos_ids, generator=sample.make_generator(cfg.seed, -1, run.rank))
     r = teacher_lib.self_check(run.teacher, ro, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size)
-    log(f"teacher self-check: KL between two scoring passes {r['repeat']:.1e}, plain vs KV-cached {r['cached']:.1e} "
-        f"nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
+    log(f"teacher self-check: KL between two scoring passes {r['repeat']:.1e}, plain vs KV-cached {r['cached']:.1e}, "
+        f"own vs fused-head logits {r['fused']:.1e} nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
 
 
 def held_out_accuracy(run: Run) -> float:

@@ -166,3 +166,27 @@ def test_built_student_lands_at_its_set_point_whatever_the_thread_count():
     assert all(cfg.student_target <= a <= cfg.student_target + 0.06 for a in accuracies), (accuracies, steps)
     assert abs(accuracies[0] - accuracies[1]) <= 0.03, (accuracies, steps)
     assert all(s < cfg.student_steps for s in steps), steps  # the set point was reached, not the step cap
+
+
+def test_mechanism_page_marks_each_candidate_with_its_label_and_both_decisions(fast_world, tmp_path):
+    """toy.py --report's page: one block per rollout, every candidate boxed in the colour of its ground-truth kind
+    (blue = a real fork), solid exactly when the probe's rule calls it divergent, and the summary's counts of right
+    decisions equal what the candidate tables say, detector by detector."""
+    import re
+
+    world, _ = fast_world
+    page = toy.mechanism_page(world, tmp_path / "mechanism.html", num_rollouts=6)
+    text = page.read_text()
+    assert text.count("<h3>rollout") == 6
+    boxed = re.findall(r'border: 2px (solid|dashed) (#[0-9a-f]{6})" title="t=\d+ loss=[\d.]+ label=(\w+)', text)
+    decision = r"<td>-?[\d.]+ \((div|non-div), (right|wrong)\)</td>"
+    rows = re.findall(r"<tr><td>\d+</td><td><code>.*?</code></td><td>(\w+)</td><td>[\d.]+</td>" + decision * 2, text)
+    assert len(boxed) == len(rows) > 0
+    for (line, colour, label), (row_label, _, _, probe_rule, _) in zip(boxed, rows):
+        assert label == row_label
+        assert (colour == "#1f77b4") == (label in toy.FORK_LABELS)
+        assert (line == "solid") == (probe_rule == "div")
+    for i, name in ((2, "window"), (4, "probe")):
+        right = sum(r[i] == "right" for r in rows)
+        assert f"{name} {right}/{len(rows)} candidates decided right" in text
+        assert all((r[i] == "right") == ((r[i - 1] == "div") == (r[0] in toy.FORK_LABELS)) for r in rows)
