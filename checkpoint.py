@@ -34,7 +34,7 @@ import parallel
 # Flags that may differ between a run and its --resume: they change what is logged, saved or checked, never the
 # trajectory of the weights. Any other difference (--steps, --lr, ...) would silently change the schedule or the
 # method half-way, so resume refuses it.
-RESUME_MAY_CHANGE = {"resume", "overwrite", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
+RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
                      "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
                      "gradient_checkpointing", "sync_every_backward"}
 

@@ -604,7 +604,10 @@ def main(argv=None):
     device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     rank, world, local_rank = parallel.dist_init(device_kind)
     try:
-        return train(cfg, device_kind, rank, world, local_rank)
+        results = train(cfg, device_kind, rank, world, local_rank)
+        if dist.is_initialized():  # every rank done before any closes its connections: a rank that tore down
+            dist.barrier()         # its gloo pairs while another was still in a collective aborted it at exit
+        return results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
