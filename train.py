@@ -5,6 +5,8 @@ train.py -- TOPD training: one process or many (torchrun), CPU or GPU, the toy w
     torchrun --standalone --nproc_per_node=2 train.py         # the same on 2 processes (CPU: gloo, GPU: nccl)
     torchrun --standalone --nproc_per_node=8 train.py --student Qwen/Qwen3-1.7B --teacher Qwen/Qwen3-8B \\
         --prompts math.jsonl --eval-prompts data/aime24.jsonl --chat-template --instruction ...
+    torchrun --standalone --nproc_per_node=8 train.py --parallel fsdp --student Qwen/Qwen3-4B-Instruct-2507 \\
+        --teacher Qwen/Qwen3-30B-A3B-Instruct-2507 ...   # the paper's pair: both models sharded (parallel.py)
 
 With no --student/--teacher the toy world (toy.py) is built if missing and its student is distilled from its teacher
 with the toy's own defaults (toy.TRAIN_DEFAULTS); with real models the defaults below are those of a pretrained LLM.
@@ -20,8 +22,9 @@ One optimizer step (train_step), in order (docs/method.md, "Modes" and sections 
   3. phase B (guidance_phase) [topd]: the windows of the whole step are replayed through the student with gradient,
      topd.guide_objective; L_guide's normaliser (total window weight, all ranks) is all-reduced first, and every
      rank runs the same number of rounds (an empty one is a zero-loss forward), so DDP stays in step;
-  4. only the LAST backward of the step synchronises gradients (no_sync() on all others); clip; skip the step if
-     the loss or the gradient norm is not finite; AdamW; warmup + cosine schedule.
+  4. only the LAST backward of the step synchronises gradients (DDP's no_sync() / FSDP's
+     set_requires_gradient_sync(False) on all others, unless --sync-every-backward); clip; skip the step if the
+     loss or the gradient norm is not finite; AdamW; warmup + cosine schedule.
 L_TOPD = L_OPD(w) + lambda * L_guide is a sum, so back-propagating its two parts separately gives exactly the
 gradient of topd.topd_objective, which is built from the same two functions.
 
