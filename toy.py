@@ -557,6 +557,15 @@ def labelled_rollouts(world: str | Path = "runs/toy", *, student_path: str | Non
             "mask": mask, "labels": labels, "special": special}
 
 
+def probe_scores(scored: dict, cands: torch.Tensor, *, k: int, horizon: int, generator) -> torch.Tensor:
+    """The probe's D (B, C) at candidates `cands` of labelled_rollouts' rollouts, exactly as train.py runs it."""
+    import topd
+
+    return topd.probe_divergence(scored["student"], scored["teacher"], scored["rollouts"], cands, k=k,
+                                 horizon=horizon, pad_id=PAD_ID, eos_ids=[EOS_ID], vocab_size=len(scored["tok"]),
+                                 generator=generator).scores
+
+
 @torch.no_grad()
 def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
                     seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
@@ -575,7 +584,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
 
     scored = labelled_rollouts(world, student_path=student_path, num_prompts=num_prompts, seed=seed,
                                max_new_tokens=max_new_tokens)
-    student, teacher, tok, rows, ro = (scored[k] for k in ("student", "teacher", "tok", "rows", "rollouts"))
+    rows = scored["rows"]
     loss, mask, labels, special = scored["loss"], scored["mask"], scored["labels"], scored["special"]
     flat = [(float(loss[b, t]), labels[b][t]) for b in range(len(rows)) for t in range(mask.shape[1]) if mask[b, t]]
     flat.sort(key=lambda x: -x[0])
@@ -588,9 +597,8 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
     report = {"prompts": len(rows), "tokens": len(flat), "label_share": mix(flat),
               "top1": mix(flat[:max(1, len(flat) // 100)]), "top5": mix(flat[:max(1, len(flat) // 20)])}
 
-    def probe(cands, generator):  # the probe's D at the given candidates, exactly as train.py runs it
-        return topd.probe_divergence(student, teacher, ro, cands, k=probe_samples, horizon=horizon, pad_id=PAD_ID,
-                                     eos_ids=[EOS_ID], vocab_size=len(tok), generator=generator).scores
+    def probe(cands, generator):
+        return probe_scores(scored, cands, k=probe_samples, horizon=horizon, generator=generator)
 
     def scores_at(positions):  # D of both detectors at the given (row, t) states, as (C=1) candidates
         cands = torch.full((len(rows), 1), -1, dtype=torch.long)
@@ -680,9 +688,8 @@ def mechanism_page(world: str | Path = "runs/toy", out: str | Path | None = None
     cands = topd.select_candidates(loss, mask, num_candidates, min_gap, scored["special"])  # (B, C)
     valid = cands >= 0
     scores = {"window": topd.window_divergence(loss, mask, cands, horizon),
-              "probe": topd.probe_divergence(scored["student"], scored["teacher"], ro, cands, k=probe_samples,
-                                             horizon=horizon, pad_id=PAD_ID, eos_ids=[EOS_ID], vocab_size=len(tok),
-                                             generator=sample.make_generator(seed, 2)).scores}
+              "probe": probe_scores(scored, cands, k=probe_samples, horizon=horizon,
+                                    generator=sample.make_generator(seed, 2))}
     divergent = {name: topd.divergent_mask(d, valid, alpha=div_alpha) for name, d in scores.items()}
     right = {name: 0 for name in scores}
     blocks, pictures = [], []

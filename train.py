@@ -21,7 +21,7 @@ One optimizer step (train_step), in order (docs/method.md, "Modes" and sections 
      L_OPD(w), backward times world_size (DDP averages gradients; we want the sum over all tokens / N);
   3. phase B (guidance_phase) [topd]: the windows of the whole step are replayed through the student with gradient,
      topd.guide_objective; L_guide's normaliser (total window weight, all ranks) is all-reduced first, and every
-     rank runs the same number of rounds (an empty one is a zero-loss forward), so DDP stays in step;
+     rank runs the same number of rounds (an empty one is a zero-loss forward), so DDP and FSDP stay in step;
   4. only the LAST backward of the step synchronises gradients (DDP's no_sync() / FSDP's
      set_requires_gradient_sync(False) on all others, unless --sync-every-backward); clip; skip the step if the
      loss or the gradient norm is not finite; AdamW; warmup + cosine schedule.
