@@ -9,7 +9,8 @@ Real-scale runs need GPUs and weights we do not have here. The toy world (toy.py
 where the truth is known: which tokens are style, which are errors.
 
 What this script does, all from the same toy student and teacher:
-  * runs train.py for opd, opd_suppress and topd, each detector (window, probe), over several seeds;
+  * runs train.py for opd, opd_suppress and topd, each detector (window, probe), guidance without suppression
+    (guide_only) and opd at equal wall-clock compute (opd_equal_compute), over several seeds (ROWS);
   * evaluates every final checkpoint on the held-out toy prompts (train.py's eval = eval_aime.evaluate);
   * writes results.md / results.json (held-out accuracy mean and std per row, teacher and student baselines,
     training time per run), detector.json (toy.detector_report: the label mix of the high-loss candidates, the
@@ -18,8 +19,10 @@ What this script does, all from the same toy student and teacher:
 Every run lives in its own folder under --out; a rerun skips the runs that already finished.
 
 Commands:
-    python reproduce.py                 # the full table: 3 seeds x 5 rows (about 40 minutes on 2 CPU cores)
+    python reproduce.py                 # the full table: 3 seeds x 8 rows on the default world
     python reproduce.py --smoke         # 1 seed, a few steps on the --fast world: checks the pipeline (CI)
+    python reproduce.py --long --seeds 3 4 5 6 7    # the long world (toy.LONG), the held-out seeds
+    python reproduce.py --long --sweep --seeds 0 1 2   # sensitivity of topd to tau, H and lambda (SWEEP)
 """
 
 from __future__ import annotations
@@ -34,18 +37,31 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("topd", "window"), ("topd", "probe")]
+ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("topd", "window"), ("topd", "probe"),
+        ("guide_only", "window"), ("guide_only", "probe"), ("opd_equal_compute", "-")]
+# A row's train.py flags. Two rows are not train.py modes of their own:
+#   guide_only          TOPD's guidance with nothing suppressed (topd, --suppress-weight 1): with topd, it separates
+#                       what suppression does from what guidance does;
+#   opd_equal_compute   plain OPD for as many steps as fit in the wall-clock time that topd + probe took on the same
+#                       seed (its steps scale by that time over opd's): a method that costs 2-3x per step has to beat
+#                       the baseline given the same budget to matter to a user.
+ROW_FLAGS = {"opd": ["--mode", "opd"], "opd_suppress": ["--mode", "opd_suppress"], "topd": ["--mode", "topd"],
+             "guide_only": ["--mode", "topd", "--suppress-weight", "1"], "opd_equal_compute": ["--mode", "opd"]}
 
 
-def run_one(world: Path, out: Path, mode: str, detector: str, seed: int, args) -> dict:
+def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, steps: int, extra=()) -> dict:
     """One train.py run in its own folder (skipped when its results.json exists). Returns its summary."""
+    import toy
+
     done = out / "results.json"
     if not done.exists():
-        # --toy-dir: train.py's toy-world job on this world, with the toy's training defaults (toy.TRAIN_DEFAULTS)
-        cmd = [sys.executable, str(ROOT / "train.py"), "--toy-dir", str(world), "--mode", mode, "--seed", str(seed),
-               "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--out", str(out),
+        # --toy-dir: train.py's toy-world job on this world, with the toy's training defaults (toy.train_defaults:
+        # the world's own response cap)
+        cmd = [sys.executable, str(ROOT / "train.py"), "--toy-dir", str(world), *ROW_FLAGS[row], "--seed", str(seed),
+               "--steps", str(steps), "--eval-every", str(args.eval_every), "--out", str(out),
                "--rollout-batch", str(args.rollout_batch), "--horizon", str(args.horizon), "--overwrite",
-               *args.train_args]  # --overwrite: an unfinished run (no results.json) starts again from scratch
+               "--max-new-tokens", str(toy.train_defaults(world)["max_new_tokens"]),
+               *args.train_args, *extra]  # --overwrite: an unfinished run (no results.json) starts again
         if detector != "-":
             cmd += ["--detector", detector]
         t0 = time.time()
@@ -55,7 +71,79 @@ def run_one(world: Path, out: Path, mode: str, detector: str, seed: int, args) -
         (out / "time.json").write_text(json.dumps({"seconds": time.time() - t0}))
     res = json.loads(done.read_text())
     res["seconds"] = json.loads((out / "time.json").read_text())["seconds"]
+    res["steps"] = res["config"]["steps"]
     return res
+
+
+# Sensitivity: topd with ONE knob moved from its default at a time, under both detectors, on the tuning seeds. The
+# threshold is swept on the absolute rule (tau in D's units, which differ between the detectors: the window's D is
+# a mean future loss, the probe's a teacher-student margin); H and lambda on the default (relative) rule.
+SWEEP = {"div_threshold": {"window": [0.5, 1.0, 2.0], "probe": [1.0, 2.0, 4.0]},
+         "horizon": {"window": [4, 8, 16], "probe": [4, 8, 16]},
+         "guide_weight": {"window": [0.25, 1.0, 4.0], "probe": [0.25, 1.0, 4.0]}}
+
+
+def sweep(world: Path, out: Path, args) -> list[dict]:
+    """Every SWEEP point x detector x seed (plus opd per seed, the reference line); writes sweep.csv, sweep.md and
+    sweep.png (accuracy vs knob, one line per detector, the seeds' min-max as a band). Resumable like the table."""
+    points = []
+    for seed in args.seeds:
+        opd = run_one(world, out / f"opd-none-seed{seed}", "opd", "-", seed, args, args.steps)
+        points.append({"knob": "-", "value": "", "detector": "opd", "seed": seed, "accuracy": opd["accuracy_after"]})
+        for knob, grid in SWEEP.items():
+            for detector, values in grid.items():
+                for value in values:
+                    flag = [f"--{knob.replace('_', '-')}", str(value)]
+                    if knob == "div_threshold":
+                        flag += ["--div-rule", "absolute"]
+                    path = out / f"sweep-{knob}{value}-{detector}-seed{seed}"
+                    print(f"sweep {knob} {value} {detector} seed {seed}", flush=True)
+                    res = run_one(world, path, "topd", detector, seed, args, args.steps, flag)
+                    points.append({"knob": knob, "value": value, "detector": detector, "seed": seed,
+                                   "accuracy": res["accuracy_after"]})
+    with open(out / "sweep.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(points[0]))
+        writer.writeheader()
+        writer.writerows(points)
+    opd = [p["accuracy"] for p in points if p["knob"] == "-"]
+    lines = [f"Sensitivity of topd (seeds {args.seeds}, {args.steps} steps); opd on the same seeds: "
+             f"{statistics.fmean(opd):.1%} ± {statistics.pstdev(opd):.1%}.", "",
+             "| knob | value | detector | accuracy (mean ± std) | per seed |", "|---|---|---|---|---|"]
+    for knob, grid in SWEEP.items():
+        for detector, values in grid.items():
+            for value in values:
+                accs = [p["accuracy"] for p in points if (p["knob"], p["value"], p["detector"]) == (knob, value, detector)]
+                lines.append(f"| {knob} | {value} | {detector} | {statistics.fmean(accs):.1%} ± "
+                             f"{statistics.pstdev(accs):.1%} | {' / '.join(f'{a:.1%}' for a in accs)} |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_sweep(points, out / "sweep.png")
+    print("\n".join(lines))
+    return points
+
+
+def plot_sweep(points: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(SWEEP), figsize=(4.2 * len(SWEEP), 3.6))
+    opd = [p["accuracy"] for p in points if p["knob"] == "-"]
+    for ax, (knob, grid) in zip(axes, SWEEP.items()):
+        for detector, values in grid.items():
+            accs = [[p["accuracy"] for p in points if (p["knob"], p["value"], p["detector"]) == (knob, v, detector)]
+                    for v in values]
+            ax.plot(values, [statistics.fmean(a) for a in accs], marker="o", label=f"topd ({detector})")
+            ax.fill_between(values, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
+        ax.axhspan(min(opd), max(opd), color="grey", alpha=0.2)
+        ax.axhline(statistics.fmean(opd), color="grey", ls="--", label="opd (seed range shaded)")
+        ax.set(xscale="log", xlabel={"div_threshold": "tau (absolute rule)", "horizon": "H",
+                                     "guide_weight": "lambda"}[knob], ylabel="held-out accuracy")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return True
 
 
 def curves(run_dirs: dict) -> list[dict]:
@@ -99,7 +187,9 @@ def plot(rows: list[dict], path: Path) -> bool:
 def main(argv=None):
     p = argparse.ArgumentParser(description="the paper's table on the toy testbed")
     p.add_argument("--out", default="runs/reproduce")
-    p.add_argument("--world", default=None, help="toy world folder (default runs/toy; --smoke: <out>/toy-fast)")
+    p.add_argument("--world", default=None, help="toy world folder (default runs/toy, --long: runs/toy-long; "
+                   "--smoke: <out>/toy-fast)")
+    p.add_argument("--long", action="store_true", help="the long world (toy.LONG), built if missing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
@@ -108,6 +198,7 @@ def main(argv=None):
     p.add_argument("--report-prompts", type=int, default=200, help="rollouts for the detector report")
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
+    p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
     selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
@@ -120,17 +211,26 @@ def main(argv=None):
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
-    world = Path(args.world or (out / "toy-fast" if args.smoke else "runs/toy"))
-    build = toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig())
+    world = Path(args.world or (out / "toy-fast" if args.smoke else "runs/toy-long" if args.long else "runs/toy"))
+    build = toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig(**toy.LONG) if args.long
+                      else toy.ToyConfig())
     t_start = time.time()
+    if args.sweep:
+        return {"sweep": sweep(world, out, args), "minutes_total": (time.time() - t_start) / 60}
 
     # --- the runs (resumable) ---
     results, run_dirs = {}, {}
+    if ("opd_equal_compute", "-") in selected and not {("opd", "-"), ("topd", "probe")} <= set(selected):
+        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their times)")
     for seed in args.seeds:
-        for mode, detector in selected:
+        for mode, detector in sorted(selected, key=ROWS.index):  # opd_equal_compute last: it needs the others' times
+            steps = args.steps
+            if mode == "opd_equal_compute":
+                ratio = results[("topd", "probe", seed)]["seconds"] / results[("opd", "-", seed)]["seconds"]
+                steps = max(args.steps, round(args.steps * ratio))
             path = out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"
-            print(f"[{time.time() - t_start:6.0f}s] {mode:12s} {detector:6s} seed {seed}", flush=True)
-            results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args)
+            print(f"[{time.time() - t_start:6.0f}s] {mode:17s} {detector:6s} seed {seed} ({steps} steps)", flush=True)
+            results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args, steps)
             run_dirs[(mode, detector, seed)] = path
 
     # --- the table ---
@@ -141,7 +241,7 @@ def main(argv=None):
         after = [r["accuracy_after"] for r in runs]
         table.append({"mode": mode, "detector": detector, "accuracy_mean": statistics.fmean(after),
                       "accuracy_std": statistics.pstdev(after) if len(after) > 1 else 0.0, "accuracy_runs": after,
-                      "accuracy_before": runs[0]["accuracy_before"],
+                      "accuracy_before": runs[0]["accuracy_before"], "steps": [r["steps"] for r in runs],
                       "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60})
     threshold = float(args.train_args[args.train_args.index("--div-threshold") + 1]) \
         if "--div-threshold" in args.train_args else None
@@ -154,15 +254,17 @@ def main(argv=None):
 
     lines = [f"Toy testbed: {len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.rollout_batch} rollouts, "
              f"horizon {args.horizon}, greedy accuracy on {len(toy.read_jsonl(world / 'test.jsonl'))} held-out prompts.",
-             "", "| method | detector | held-out accuracy (mean ± std) | per seed | minutes / run |", "|---|---|---|---|---|",
-             f"| teacher | - | {acc['teacher']['greedy']:.1%} | - | - |",
-             f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - |"]
+             "", "| method | detector | held-out accuracy (mean ± std) | per seed | steps | minutes / run |",
+             "|---|---|---|---|---|---|",
+             f"| teacher | - | {acc['teacher']['greedy']:.1%} | - | - | - |",
+             f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - | - |"]
     if args.train_args:
         lines[0] += f" Extra train.py flags: `{' '.join(args.train_args)}`."
     for row in table:
         runs = " / ".join(f"{a:.1%}" for a in row["accuracy_runs"])
+        steps = "/".join(map(str, sorted(set(row["steps"]))))
         lines.append(f"| {row['mode']} | {row['detector']} | {row['accuracy_mean']:.1%} ± {row['accuracy_std']:.1%} | "
-                     f"{runs} | {row['minutes_per_run']:.1f} |")
+                     f"{runs} | {steps} | {row['minutes_per_run']:.1f} |")
     pct = lambda d: ", ".join(f"{k} {d[k]:.0%}" for k in ("surface", "correct", "error", "after_error"))  # noqa: E731
     lines += ["", f"Detector quality on {report['prompts']} rollouts of the undistilled student "
               f"(ground truth from toy.label_tokens):", "",

@@ -20,6 +20,9 @@ the method working. This file builds a complete, small world from nothing, with 
                while after a "," it just continues.
   ground truth label_tokens() marks each response token as surface / correct / error / after_error, so detector
                precision and recall can be measured, not argued.
+  long world   toy.LONG (python toy.py --long): 4-7 operands, 35-90-token answers and a second style kind (the
+               student writes additions "b+acc=", the teacher "acc+b="), tuned so that style tokens are ~30% of the
+               undistilled student's top-5% loss tokens: the situation the paper's method is for.
   the models   a character-level tokenizer (tokenizers WordLevel -> PreTrainedTokenizerFast, pad/bos/eos and a chat
                template), a 4-layer Llama teacher (~1M params, >= 95% held-out) and a 2-layer student that saw
                only 800 labelled problems (~20-60%): room for distillation from prompts alone.
@@ -27,6 +30,7 @@ the method working. This file builds a complete, small world from nothing, with 
 Commands:
     python toy.py                   # build runs/toy/ (about 5 minutes on 2 cores), print both accuracies
     python toy.py --fast            # the quick test world (under a minute)
+    python toy.py --long            # the long world into runs/toy-long/ (about 25 minutes on 2 cores)
     python toy.py --report          # detector report on rollouts of the finished student, and the mechanism page
                                     # runs/toy/mechanism.html (+ .png): every token coloured by its loss
 """
@@ -38,6 +42,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -113,9 +118,10 @@ class Problem:
         return text + "=?\n"
 
 
-def make_problem(rng: random.Random, max_value: int = 99, max_operands: int = 3) -> Problem:
-    """2..max_operands integers in 0..max_value; a "-" that would go negative becomes "+" (answers stay >= 0)."""
-    operands = [rng.randint(0, max_value) for _ in range(rng.randint(2, max_operands))]
+def make_problem(rng: random.Random, max_value: int = 99, max_operands: int = 3, min_operands: int = 2) -> Problem:
+    """min_operands..max_operands integers in 0..max_value; a "-" that would go negative becomes "+" (answers
+    stay >= 0)."""
+    operands = [rng.randint(0, max_value) for _ in range(rng.randint(min_operands, max_operands))]
     ops, acc = [], operands[0]
     for b in operands[1:]:
         op = rng.choice("+-")
@@ -127,17 +133,22 @@ def make_problem(rng: random.Random, max_value: int = 99, max_operands: int = 3)
 
 
 def response_pieces(problem: Problem, rng: random.Random, *, sep_style: str, other_sep_rate: float = 0.0,
-                    slip_rate: float = 0.0):
+                    slip_rate: float = 0.0, swap_rate: float = 0.0):
     """The worked solution as a list of (token, trained) pairs, ending with <eos>.
 
     sep_style: the writer's separator; other_sep_rate: chance of the other style at each separator.
+    swap_rate: chance that an addition step is written with its operands swapped, "b+acc=" instead of "acc+b=" (the
+    second style kind of the long world: a different step order, equally correct, and the first token of the step
+    is where it shows).
     slip_rate: chance that a step's result is first written with one wrong digit, then "|" and the right result;
     the wrong digits are returned with trained=False so SFT never teaches making slips, only repairing them.
     """
     other = STUDENT_SEP if sep_style == TEACHER_SEP else TEACHER_SEP
     pieces = []
     for acc, op, b, res in problem.steps():
-        pieces += [(c, True) for c in rev(acc) + op + rev(b) + "="]
+        # (the draw only when the rate is set: the default world's random stream, hence its data, stays as it was)
+        swapped = swap_rate > 0 and op == "+" and rng.random() < swap_rate
+        pieces += [(c, True) for c in (rev(b) + op + rev(acc) if swapped else rev(acc) + op + rev(b)) + "="]
         if rng.random() < slip_rate:
             wrong = list(rev(res))
             i = rng.randrange(len(wrong))
@@ -183,33 +194,98 @@ def parse_prompt(prompt: str) -> Problem:
     return Problem(operands=operands, ops=ops)
 
 
+def solution_segments(problem: Problem) -> list[list[list[str]]]:
+    """Every correct solution of `problem`, as a chain of segments; a segment is a list of equally long
+    alternatives (token lists), the teacher's own form first:
+        per step   the expression "acc+b=" (for an addition also "b+acc=", the swapped step order), the result,
+                   the separator (";" or ",");
+        at the end "\\boxed{answer}" and <eos>.
+    Slips and corrections are not in it: a correct solution never needs one."""
+    segments = []
+    for acc, op, b, res in problem.steps():
+        forms = [list(rev(acc) + op + rev(b) + "=")]
+        if op == "+" and acc != b:
+            forms.append(list(rev(b) + op + rev(acc) + "="))
+        segments += [forms, [list(rev(res))], [[TEACHER_SEP], [STUDENT_SEP]]]
+    return segments + [[["\\boxed", "{", *str(problem.answer), "}", "<eos>"]]]
+
+
 def label_tokens(problem: Problem, tokens: list[str]):
     """Label every response token: (labels, first_error_index or None).
 
     tokens: the response as token strings, e.g. tokenizer.convert_ids_to_tokens(response ids up to EOS).
-    Walks the response in lockstep with the teacher-style solution:
-      correct      the token the canonical solution has here (EOS included);
-      surface      the student's "," where the canonical solution has ";": a harmless style difference;
+    Walks the response through solution_segments, keeping the alternatives of the current segment that the
+    tokens so far still match:
+      correct      the token the teacher's own form has here, or the only token a correct solution can have here
+                   (the rest of a swapped step once its first differing token is written; EOS included);
+      surface      the token where the response leaves the teacher's form for another correct one: a "," where the
+                   teacher writes ";", or the first differing token of a swapped addition. A harmless style change;
       error        the first token that no correct solution could have here (a wrong digit, a "|" with nothing to
                    correct, a missing separator, ...): the real reasoning fork;
-      after_error  everything after the first error (the trajectory has left every correct solution).
+      after_error  everything after the first error (the trajectory has left every correct solution), except
+                   the style choices of the steps that follow the erroneous one (style_after_error): those are
+                   surface too.
     Example, problem 51 + 61 (canonical "15+16=211;\\boxed{112}"):
         "15+16=211,\\boxed{112}"  -> all correct except "," (index 9): surface; first_error None
+        "16+15=211;\\boxed{112}"  -> index 1 ("6" for "5") surface, the rest correct
         "15+16=221;\\boxed{122}"  -> indices 0-6 correct, index 7 ("2" for "1") error, the rest after_error
     """
-    canonical = [t for t, _ in response_pieces(problem, random.Random(0), sep_style=TEACHER_SEP)]
+    segments = solution_segments(problem)
     labels, first_error = [], None
+    segment, pos, alive = 0, 0, list(range(len(segments[0])))
     for i, tok in enumerate(tokens):
         if first_error is not None:
             labels.append(AFTER_ERROR)
-        elif i < len(canonical) and tok == canonical[i]:
-            labels.append(CORRECT)
-        elif i < len(canonical) and canonical[i] == TEACHER_SEP and tok == STUDENT_SEP:
-            labels.append(SURFACE)
-        else:
+            continue
+        forms = segments[segment] if segment < len(segments) else []
+        matching = [f for f in alive if forms[f][pos] == tok]
+        if not matching:  # no correct solution goes on like this (or the response goes on past <eos>)
             first_error = i
             labels.append(ERROR)
+            continue
+        labels.append(SURFACE if 0 in alive and 0 not in matching else CORRECT)
+        alive, pos = matching, pos + 1
+        if pos == len(forms[0]):  # the segment is complete: on to the next, every alternative open again
+            segment, pos = segment + 1, 0
+            alive = list(range(len(segments[segment]))) if segment < len(segments) else []
+    if first_error is not None:
+        style_after_error(problem, tokens, labels, first_error)
     return labels, first_error
+
+
+STEP = re.compile(r"(\d+)([+-])(\d+)=(\d+)([;,])")  # one written step: a op b = result, separator
+
+
+def style_after_error(problem: Problem, tokens: list[str], labels: list[str], first_error: int) -> None:
+    """Relabel, in place, the style choices made AFTER the first error: a student that slipped at step 2 still
+    writes "," and swapped additions at steps 3-6, and those are the same harmless surface mismatches as before the
+    slip. A later step counts when it is well formed given what was written before it: it continues from the
+    previous step's written result with the problem's next operand and operator (either order for an addition),
+    and its result is right for its written operands (the teacher, trained to repair slips, wants "|" only after a
+    result that is wrong for its own operands). Its "," and the first differing token of a swapped addition become
+    surface. The step that holds the first error keeps its separator as after_error: that is where the teacher
+    wants its repair ("|"), the fork's own near future."""
+    text, offsets, pos = "", [], 0  # character offset -> token index (steps are single-character tokens)
+    for i, tok in enumerate(tokens):
+        offsets += [i] * len(tok)
+        text += tok
+    previous = rev(problem.operands[0])
+    for k, m in enumerate(STEP.finditer(text)):
+        if k + 1 >= len(problem.operands) or m.start() != pos:  # not a chain of steps from the start any more
+            return
+        a, op, b, result, sep = m.groups()
+        operand = rev(problem.operands[k + 1])
+        ordered = (a, b) == (previous, operand) or (op == "+" and (a, b) == (operand, previous) and a != b)
+        value = int(a[::-1]) + int(b[::-1]) if op == "+" else int(a[::-1]) - int(b[::-1])
+        well_formed = op == problem.ops[k] and ordered and rev(value) == result
+        if offsets[m.start()] > first_error and well_formed:  # a step wholly after the one with the error
+            if sep == STUDENT_SEP:
+                labels[offsets[m.end() - 1]] = SURFACE
+            if a != previous:  # swapped: the first character where "b+acc" differs from "acc+b"
+                teacher_form = previous + op + operand
+                labels[offsets[m.start() + next(i for i, (x, y) in enumerate(zip(a + op + b, teacher_form))
+                                                if x != y)]] = SURFACE
+        previous, pos = result, m.end()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -221,13 +297,15 @@ class ToyConfig:
     """Everything that defines the world; its hash-free JSON is stored in build.json and checked on reuse."""
     seed: int = 0
     max_value: int = 99            # operands in 0..max_value
-    max_operands: int = 3          # 2..max_operands numbers per problem
+    max_operands: int = 3          # min_operands..max_operands numbers per problem
+    min_operands: int = 2
     num_train_prompts: int = 20000  # unlabelled prompts for distillation (train.jsonl)
     num_test_prompts: int = 500    # held-out prompts (test.jsonl)
     teacher_layers: int = 4
     student_layers: int = 2
     hidden: int = 128
     teacher_steps: int = 1600      # fresh random problems every step
+    teacher_target: float = 0.0    # > 0: stop the teacher's SFT at the first evaluation (every 250 steps) >= this
     teacher_other_sep_rate: float = 0.02  # the teacher's data has the student's "," at this rate
     teacher_slip_rate: float = 0.10       # steps written with a slip + correction in the teacher's data
     student_pool: int = 800        # the student's only labelled problems
@@ -236,6 +314,10 @@ class ToyConfig:
     student_eval_every: int = 10   # steps between those evaluations ...
     student_eval_from: int = 150   # ... from this step on (below it the student is near 0%)
     student_other_sep_rate: float = 0.10  # the student's data has the teacher's ";" at this rate
+    teacher_swap_rate: float = 0.0  # additions written "b+acc=" in the teacher's data (the long world's 2nd style)
+    student_swap_rate: float = 0.0  # ... and in the student's data
+    response_cap: int = 48         # max_new_tokens of every toy rollout and evaluation: a solution fits with room
+    max_positions: int = 128       # the models' max_position_embeddings (prompt + response must fit)
     batch_size: int = 64
     lr: float = 3e-3
     warmup: int = 50
@@ -243,6 +325,29 @@ class ToyConfig:
 
 FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_steps=350, student_pool=500,
             student_steps=400, student_eval_from=50, hidden=96)
+
+# The long world (python toy.py --long -> runs/toy-long): the regime the paper's premise is about. Chains of LONG
+# operands give 40-90-token solutions, so a rollout has several candidates at gap 8; the student writes two kinds of
+# style the teacher understands but rarely writes ("," for ";", and additions with their operands swapped), so style
+# tokens are many and surprising; the teacher's rarer slips make the repair signal after an error weaker. Each knob
+# below was set by measuring the label mix of the top-5% loss tokens (README, "The long world").
+LONG = dict(min_operands=4, max_operands=7, max_value=49, teacher_steps=4000, teacher_target=0.97,
+            teacher_other_sep_rate=0.005,
+            teacher_swap_rate=0.01, student_swap_rate=1.0, student_other_sep_rate=0.0, teacher_slip_rate=0.05,
+            student_pool=800, student_steps=3000, student_target=0.45, student_eval_every=25,
+            student_eval_from=300, response_cap=112, max_positions=160, num_test_prompts=400)
+
+
+def draw_problem(rng: random.Random, cfg: ToyConfig) -> Problem:
+    return make_problem(rng, cfg.max_value, cfg.max_operands, cfg.min_operands)
+
+
+def config_of(world: str | Path) -> ToyConfig:
+    """The ToyConfig a built world was made with (its build.json); fields added since it was built take their
+    defaults, which reproduce the world as it was."""
+    stored = json.loads((Path(world) / "build.json").read_text())["config"]
+    known = {f for f in asdict(ToyConfig())}
+    return ToyConfig(**{k: v for k, v in stored.items() if k in known})
 
 
 def make_model(cfg: ToyConfig, layers: int, seed: int):
@@ -252,7 +357,7 @@ def make_model(cfg: ToyConfig, layers: int, seed: int):
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(VOCAB), hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden,
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                         max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=BOS_ID,
+                         max_position_embeddings=cfg.max_positions, tie_word_embeddings=True, bos_token_id=BOS_ID,
                          eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     return LlamaForCausalLM(config)
 
@@ -307,9 +412,12 @@ def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: st
     return model.eval(), step
 
 
-def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=None):
-    """stop_when for the student: True at the first evaluation (every `every` steps from step `first`, every 2
-    steps once within 10 points of the target) whose greedy accuracy on `rows` is >= target.
+def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=None,
+                   max_new_tokens: int = ToyConfig.response_cap, near_every: int = 2, who: str = "student"):
+    """stop_when for the student: True at the first evaluation (every `every` steps from step `first`, every
+    `near_every` steps once within 10 points of the target) whose greedy accuracy on `rows` is >= target. (The long
+    world's teacher uses it too, with near_every = every: its curve is flat near its target, and each evaluation
+    of the long world costs more.)
 
     Why a set point and not a fixed step count: a student trained on a few labels climbs its learning curve
     steeply (a few points per 10 steps), and where it is after a FIXED number of steps depends on float rounding,
@@ -323,20 +431,20 @@ def set_point_stop(rows, tokenizer, target: float, every: int, first: int, log=N
     near = {"since": None}  # close to the target the curve climbs a few points per 10 steps: check every 2 steps
 
     def stop_when(step: int, model) -> bool:
-        interval = every if near["since"] is None else 2
+        interval = every if near["since"] is None else near_every
         if step < first or (step - (near["since"] or 0)) % interval:
             return False
-        acc = accuracy(model, tokenizer, rows)
+        acc = accuracy(model, tokenizer, rows, max_new_tokens=max_new_tokens)
         model.train()
         if log is not None:
-            log(f"student SFT step {step}: held-out accuracy {acc:.1%} (target {target:.0%})")
+            log(f"{who} SFT step {step}: held-out accuracy {acc:.1%} (target {target:.0%})")
         if near["since"] is None and acc >= target - 0.10:
             near["since"] = step
         return acc >= target
     return stop_when
 
 
-EVAL_MAX_NEW_TOKENS = 48  # a toy solution is <= 30 tokens; this also caps runaway generations
+EVAL_MAX_NEW_TOKENS = ToyConfig.response_cap  # the default world's solutions are <= 30 tokens; caps runaways
 EVAL_BATCH = 250
 
 
@@ -345,7 +453,8 @@ def as_problems(rows) -> list[dict]:
     return [{"id": str(i), "problem": r["prompt"], "answer": r["answer"]} for i, r in enumerate(rows)]
 
 
-def accuracy(model, tokenizer, rows, *, temperature: float = 0.0, seed: int = 0) -> float:
+def accuracy(model, tokenizer, rows, *, temperature: float = 0.0, seed: int = 0,
+             max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> float:
     """Held-out accuracy through eval_aime.evaluate, the project's one evaluation path: same extraction
     (extract_answer), same batching and seeding. The CLI equivalent (same number for the same prompts and seed):
         python eval_aime.py --model runs/toy/teacher --data runs/toy/test.jsonl --k 1 --temperature 0 --top-p 1 \
@@ -355,7 +464,7 @@ def accuracy(model, tokenizer, rows, *, temperature: float = 0.0, seed: int = 0)
     from sample import SamplingConfig
 
     summary, _ = evaluate(model, tokenizer, as_problems(rows), k=1, seed=seed, batch_size=EVAL_BATCH,
-                          sampling=SamplingConfig(temperature=temperature, max_new_tokens=EVAL_MAX_NEW_TOKENS),
+                          sampling=SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens),
                           instruction=False, chat_template=False, integer_range=None)
     return summary["avg@k"]
 
@@ -383,13 +492,13 @@ class WorldData:
 
 def world_data(cfg: ToyConfig) -> WorldData:
     data_rng = random.Random(cfg.seed)
-    test = [make_problem(data_rng, cfg.max_value, cfg.max_operands) for _ in range(cfg.num_test_prompts)]
+    test = [draw_problem(data_rng, cfg) for _ in range(cfg.num_test_prompts)]
     held_out = {p.prompt for p in test}
 
     def draw(n):  # n problems whose prompts are not held out
         out = []
         while len(out) < n:
-            p = make_problem(data_rng, cfg.max_value, cfg.max_operands)
+            p = draw_problem(data_rng, cfg)
             if p.prompt not in held_out:
                 out.append(p)
         return out
@@ -397,18 +506,22 @@ def world_data(cfg: ToyConfig) -> WorldData:
     return WorldData(test=test, train=train, pool=draw(cfg.student_pool))
 
 
-def build_teacher(cfg: ToyConfig, data: WorldData):
-    """SFT on fresh problems (never a held-out one), in the teacher's style, with slips and their corrections."""
+def build_teacher(cfg: ToyConfig, data: WorldData, tokenizer=None, log=None):
+    """SFT on fresh problems (never a held-out one), in the teacher's style, with slips and their corrections; all
+    cfg.teacher_steps of them, or (cfg.teacher_target > 0) up to the first evaluation at or above the target."""
     held_out = {p.prompt for p in data.test}
 
     def teacher_example(rng):
-        p = make_problem(rng, cfg.max_value, cfg.max_operands)
+        p = draw_problem(rng, cfg)
         while p.prompt in held_out:
-            p = make_problem(rng, cfg.max_value, cfg.max_operands)
+            p = draw_problem(rng, cfg)
         return p.prompt, response_pieces(p, rng, sep_style=TEACHER_SEP, other_sep_rate=cfg.teacher_other_sep_rate,
-                                         slip_rate=cfg.teacher_slip_rate)
+                                         slip_rate=cfg.teacher_slip_rate, swap_rate=cfg.teacher_swap_rate)
+    stop_when = None if not cfg.teacher_target else set_point_stop(
+        data.test_rows, tokenizer or build_tokenizer(), cfg.teacher_target, 250, 750, log=log,
+        max_new_tokens=cfg.response_cap, near_every=250, who="teacher")
     model, _ = train_sft(make_model(cfg, cfg.teacher_layers, cfg.seed + 1), teacher_example, cfg.teacher_steps, cfg,
-                         cfg.seed + 11, "teacher SFT")
+                         cfg.seed + 11, "teacher SFT", stop_when=stop_when)
     return model
 
 
@@ -417,11 +530,12 @@ def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None):
     set point cfg.student_target (see set_point_stop). Returns (model, steps run)."""
     def student_example(rng):
         p = rng.choice(data.pool)
-        return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate)
+        return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate,
+                                         swap_rate=cfg.student_swap_rate)
     return train_sft(make_model(cfg, cfg.student_layers, cfg.seed + 2), student_example, cfg.student_steps, cfg,
                      cfg.seed + 12, "student SFT",
                      stop_when=set_point_stop(data.test_rows, tokenizer, cfg.student_target, cfg.student_eval_every,
-                                              cfg.student_eval_from, log=log))
+                                              cfg.student_eval_from, log=log, max_new_tokens=cfg.response_cap))
 
 
 def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print,
@@ -436,18 +550,19 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
     out = Path(out)
     if (out / "build.json").exists() and not force:
         info = json.loads((out / "build.json").read_text())
-        if info.get("config") == asdict(cfg):
+        if config_of(out) == cfg:
             return info
         log(f"{out}: built with a different config; rebuilding")
     sample.quiet_progress_bars()
     t0 = time.time()
     data, tokenizer = world_data(cfg), build_tokenizer()
-    teacher = build_teacher(cfg, data)
+    teacher = build_teacher(cfg, data, tokenizer, log=verbose_log)
     t1 = time.time()
     student, student_steps = build_student(cfg, data, tokenizer, log=verbose_log)
     t2 = time.time()
-    acc = {name: {"greedy": accuracy(m, tokenizer, data.test_rows, temperature=0.0),
-                  "t1": accuracy(m, tokenizer, data.test_rows, temperature=1.0, seed=cfg.seed)}
+    acc = {name: {"greedy": accuracy(m, tokenizer, data.test_rows, temperature=0.0, max_new_tokens=cfg.response_cap),
+                  "t1": accuracy(m, tokenizer, data.test_rows, temperature=1.0, seed=cfg.seed,
+                                 max_new_tokens=cfg.response_cap)}
            for name, m in (("teacher", teacher), ("student", student))}
     info = {"config": asdict(cfg), "accuracy": acc, "student_sft_steps": student_steps,
             "threads": torch.get_num_threads(),
@@ -478,7 +593,7 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
 # applied by train.parse_config when no --student is given (an explicit flag still wins):
 TRAIN_DEFAULTS = {
     "lr": 3e-4,             # a 0.5M-parameter model from scratch learns at SFT-like rates (1e-4 and 1e-3 were worse)
-    "max_new_tokens": EVAL_MAX_NEW_TOKENS,  # a toy answer is <= 30 tokens; 48 caps runaway generations
+    "max_new_tokens": EVAL_MAX_NEW_TOKENS,  # the world's response_cap (train_defaults); 48 for the default world
     "horizon": 8,           # a toy answer is ~25 tokens: the spec's 32 would span whole answers
     "micro_batch": 32,      # tiny models: 32 rollouts per forward/backward
     "steps": 300,
@@ -486,10 +601,18 @@ TRAIN_DEFAULTS = {
 }
 
 
-def train_flags() -> list[str]:
-    """TRAIN_DEFAULTS as train.py flags, for runs that name the toy's models explicitly (--student ...) and so do
+def train_defaults(world: str | Path | None = None) -> dict:
+    """TRAIN_DEFAULTS for the world in `world`: its own response cap once it is built (the long world's solutions
+    need 112 tokens, where 48 would truncate every rollout)."""
+    if world is not None and (Path(world) / "build.json").exists():
+        return {**TRAIN_DEFAULTS, "max_new_tokens": config_of(world).response_cap}
+    return dict(TRAIN_DEFAULTS)
+
+
+def train_flags(world: str | Path | None = None) -> list[str]:
+    """train_defaults as train.py flags, for runs that name the toy's models explicitly (--student ...) and so do
     not get the toy's values by default (bench.py, the tests)."""
-    return [x for k, v in TRAIN_DEFAULTS.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    return [x for k, v in train_defaults(world).items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
@@ -530,7 +653,7 @@ FORK_LABELS = (ERROR, AFTER_ERROR)  # a candidate at or after the first wrong to
 
 @torch.no_grad()
 def labelled_rollouts(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
-                      seed: int = 0, max_new_tokens: int = 48) -> dict:
+                      seed: int = 0, max_new_tokens: int | None = None) -> dict:
     """The student's rollouts on the first num_prompts held-out prompts, each token's reverse KL to the teacher
     (l_t, full vocabulary) and its ground-truth label: what the detector report and the mechanism page look at.
     Returns {student, teacher, tok, rows, rollouts, loss (B, R), mask (B, R) bool, labels (B lists of R strings,
@@ -539,6 +662,7 @@ def labelled_rollouts(world: str | Path = "runs/toy", *, student_path: str | Non
     import topd
 
     world = Path(world)
+    max_new_tokens = max_new_tokens or config_of(world).response_cap
     student, tok = sample.load_policy(str(student_path or world / "student"))
     teacher, _ = teacher_lib.load_teacher(str(world / "teacher"))
     rows = read_jsonl(world / "test.jsonl")[:num_prompts]
@@ -570,7 +694,7 @@ def probe_scores(scored: dict, cands: torch.Tensor, *, k: int, horizon: int, gen
 def detector_report(world: str | Path = "runs/toy", *, student_path: str | None = None, num_prompts: int = 200,
                     seed: int = 0, num_candidates: int = 4, min_gap: int = 8, horizon: int = 32,
                     probe_samples: int = 4, div_alpha: float = 0.5, div_threshold: float | None = None,
-                    max_new_tokens: int = 48) -> dict:
+                    max_new_tokens: int | None = None) -> dict:
     """Sample the student on held-out prompts, score with the teacher, label every token, and measure:
 
       top1/top5        share of each label among the top 1% / 5% tokens by full-vocab reverse KL
@@ -682,7 +806,7 @@ def mechanism_page(world: str | Path = "runs/toy", out: str | Path | None = None
 
     horizon = horizon or TRAIN_DEFAULTS["horizon"]
     out = Path(out or Path(world) / "mechanism.html")
-    scored = labelled_rollouts(world, num_prompts=num_rollouts, seed=seed, max_new_tokens=EVAL_MAX_NEW_TOKENS)
+    scored = labelled_rollouts(world, num_prompts=num_rollouts, seed=seed)
     tok, rows, ro, loss, mask = (scored[k] for k in ("tok", "rows", "rollouts", "loss", "mask"))
     labels = scored["labels"]
     cands = topd.select_candidates(loss, mask, num_candidates, min_gap, scored["special"])  # (B, C)
@@ -784,12 +908,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="build the toy world (teacher, student, prompts)")
     parser.add_argument("--out", default=None, help="output folder (default runs/toy, or runs/toy-fast with --fast)")
     parser.add_argument("--fast", action="store_true", help="the small, quick world used by the tests")
+    parser.add_argument("--long", action="store_true", help="the long world (toy.LONG): 4-7-step solutions with two "
+                        "kinds of style, where style is ~30%% of the high-loss tokens")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--report", action="store_true", help="detector report on the built student's rollouts")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = ToyConfig(**FAST) if args.fast else ToyConfig()
-    out = args.out or ("runs/toy-fast" if args.fast else "runs/toy")
+    if args.fast and args.long:
+        parser.error("--fast and --long are two different worlds: give one")
+    cfg = ToyConfig(**FAST) if args.fast else ToyConfig(**LONG) if args.long else ToyConfig()
+    out = args.out or ("runs/toy-fast" if args.fast else "runs/toy-long" if args.long else "runs/toy")
     info = build(out, cfg, force=args.force, verbose_log=print)
     a = info["accuracy"]
     print(f"toy world in {out} ({info['seconds']['total']} s to build; params teacher {info['params']['teacher']:,}, "
@@ -797,7 +925,7 @@ def main(argv=None):
     print(f"held-out accuracy ({cfg.num_test_prompts} prompts): teacher {a['teacher']['greedy']:.1%} greedy / "
           f"{a['teacher']['t1']:.1%} at T=1 | student {a['student']['greedy']:.1%} greedy / {a['student']['t1']:.1%} at T=1")
     if args.report:
-        print_report(detector_report(out))
+        print_report(detector_report(out, horizon=TRAIN_DEFAULTS["horizon"]))  # as train.py and reproduce.py
         print(f"mechanism page: {mechanism_page(out)} (and a .png beside it when matplotlib is installed)")
 
 

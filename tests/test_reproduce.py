@@ -1,4 +1,4 @@
-"""reproduce.py --smoke: the whole pipeline (5 rows, detector report, curves) runs and writes well-formed files."""
+"""reproduce.py --smoke: the whole pipeline (8 rows, detector report, curves) runs and writes well-formed files."""
 
 import csv
 import json
@@ -15,13 +15,47 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracy_runs"]) == 1 for r in rows)
     md = (out / "results.md").read_text()
     assert md.count("\n| opd |") == 1 and md.count("| opd_suppress |") == 2 and md.count("| topd |") == 2
+    assert md.count("| guide_only |") == 2 and md.count("| opd_equal_compute |") == 1
+    # guidance without suppression is topd with suppress weight 1; equal compute runs at least the others' steps,
+    # scaled by topd + probe's time over opd's on the same seed
+    config = json.loads((out / "guide_only-probe-seed0" / "results.json").read_text())["config"]
+    assert config["mode"] == "topd" and config["suppress_weight"] == 1.0
+    eqc = next(r for r in rows if r["mode"] == "opd_equal_compute")
+    times = {r["mode"] + r["detector"]: r["minutes_per_run"] for r in rows}
+    assert eqc["steps"] == [max(4, round(4 * times["topdprobe"] / times["opd-"]))]
     assert "precision" in md
     det = json.loads((out / "detector.json").read_text())
     assert abs(sum(det["candidates"][k] for k in ("surface", "correct", "error", "after_error")) - 1) < 1e-6
     with open(out / "curves.csv") as f:
         curve = list(csv.DictReader(f))
-    assert {r["mode"] for r in curve} == {"opd", "opd_suppress", "topd"}
-    assert max(int(r["step"]) for r in curve) == 4
+    assert {r["mode"] for r in curve} == {m for m, _ in reproduce.ROWS}
+    assert max(int(r["step"]) for r in curve if r["mode"] != "opd_equal_compute") == 4
     # resumable: a second call reuses every finished run (no training happens, same numbers)
     again = reproduce.main(["--smoke", "--out", str(out), "--world", str(world)])
     assert [r["accuracy_runs"] for r in again["rows"]] == [r["accuracy_runs"] for r in rows]
+
+
+def test_sweep_moves_one_knob_at_a_time_and_writes_its_table(fast_world, tmp_path, monkeypatch):
+    """reproduce.py --sweep: each point is topd with exactly the swept knob changed (a threshold on the absolute
+    rule), one run per detector and seed, plus opd per seed as the reference; sweep.csv and sweep.md hold them all."""
+    world, _ = fast_world
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(reproduce, "SWEEP", {"div_threshold": {"window": [0.5], "probe": [2.0]},
+                                             "horizon": {"window": [4], "probe": [4]}})
+    result = reproduce.main(["--smoke", "--sweep", "--out", str(out), "--world", str(world)])
+    points = result["sweep"]
+    assert [(p["knob"], p["value"], p["detector"]) for p in points] == [
+        ("-", "", "opd"), ("div_threshold", 0.5, "window"), ("div_threshold", 2.0, "probe"),
+        ("horizon", 4, "window"), ("horizon", 4, "probe")]
+    for p in points[1:]:
+        config = json.loads((out / f"sweep-{p['knob']}{p['value']}-{p['detector']}-seed0" / "results.json")
+                            .read_text())["config"]
+        assert config["mode"] == "topd" and config["detector"] == p["detector"] and config["steps"] == 4
+        assert config[p["knob"]] == p["value"]
+        assert config["div_rule"] == ("absolute" if p["knob"] == "div_threshold" else "relative")
+        assert config["horizon"] == (4 if p["knob"] == "horizon" else 8)
+        assert p["accuracy"] == json.loads((out / f"sweep-{p['knob']}{p['value']}-{p['detector']}-seed0" /
+                                            "results.json").read_text())["accuracy_after"]
+    with open(out / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(points)
+    assert (out / "sweep.md").read_text().count("| horizon | 4 |") == 2

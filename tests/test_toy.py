@@ -86,7 +86,87 @@ def test_label_tokens_hand_written_rollouts(text, expected, first_error):
     if err is None:
         assert set(labels) <= {toy.CORRECT, toy.SURFACE} and labels[-1] == toy.CORRECT  # EOS included
     else:
-        assert labels[:err].count(toy.ERROR) == 0 and set(labels[err + 1:]) <= {toy.AFTER_ERROR}
+        assert labels[:err].count(toy.ERROR) == 0 and set(labels[err + 1:]) <= {toy.AFTER_ERROR, toy.SURFACE}
+
+
+@pytest.mark.parametrize("text, expected, first_error", [
+    # the long world's second style: the addition written with its operands swapped ("16+15" for "15+16"); the
+    # first digit is the same, the second is where the styles part (surface), the rest of the step is determined
+    ("16+15=211;211-47=83;\\boxed{38}<eos>", {0: toy.CORRECT, 1: toy.SURFACE, 3: toy.CORRECT, 4: toy.CORRECT}, None),
+    # both styles at once, then a wrong digit
+    ("16+15=211,211-47=84,\\boxed{48}<eos>", {1: toy.SURFACE, 9: toy.SURFACE, 18: toy.ERROR}, 18),
+    # a subtraction cannot be swapped: "47-211" is an error, not a style
+    ("15+16=211;47-211=83;\\boxed{38}<eos>", {10: toy.ERROR, 11: toy.AFTER_ERROR}, 10),
+    # style after an error: step 2 is right for what was written (122 - 74 = 48, "84"), so its "," is surface; the
+    # separator right after the wrong result (index 9, where the teacher wants its repair "|") stays after_error
+    ("15+16=221;221-47=84,\\boxed{48}<eos>", {7: toy.ERROR, 9: toy.AFTER_ERROR, 19: toy.SURFACE}, 7),
+    # ... but a step that is itself wrong (122 - 74 is not 39) keeps its "," as after_error
+    ("15+16=221,221-47=93,\\boxed{39}<eos>", {9: toy.AFTER_ERROR, 19: toy.AFTER_ERROR}, 7),
+])
+def test_label_tokens_swapped_additions_are_style_subtractions_are_not(text, expected, first_error):
+    test_label_tokens_hand_written_rollouts(text, expected, first_error)
+
+
+def test_a_swapped_addition_after_an_error_is_still_style():
+    p = toy.Problem([51, 61, 20], ["+", "+"])  # canonical "15+16=211;211+02=231;\\boxed{132}"
+    toks = _tokens("15+16=221;02+221=241,\\boxed{142}") + ["<eos>"]  # 122 + 20 = 142: right for what was written
+    labels, err = toy.label_tokens(p, toks)
+    assert err == 7 and labels[9] == toy.AFTER_ERROR
+    assert [i for i, lab in enumerate(labels) if lab == toy.SURFACE] == [10, 20]  # "0" for "2", and the ","
+    # the same step with a wrong operand ("03" for "02") is not style: nothing after the error is surface
+    labels, _ = toy.label_tokens(p, _tokens("15+16=221;03+221=251,\\boxed{152}") + ["<eos>"])
+    assert toy.SURFACE not in labels
+
+
+def test_long_world_styles_are_labelled_surface_exactly_where_they_show():
+    """Every mix of the long world's two styles (separator, swapped additions) of a correct solution is labelled
+    with no error, and with exactly one surface token per "," and per swapped addition of two different numbers:
+    at the first digit where the swapped step differs from the teacher's."""
+    rng = random.Random(3)
+    cfg = toy.ToyConfig(**toy.LONG)
+    for _ in range(300):
+        p = toy.draw_problem(rng, cfg)
+        assert cfg.min_operands <= len(p.operands) <= cfg.max_operands
+        pieces = toy.response_pieces(p, rng, sep_style=rng.choice([toy.TEACHER_SEP, toy.STUDENT_SEP]),
+                                     other_sep_rate=0.3, swap_rate=0.5)
+        toks = [t for t, _ in pieces]
+        text = "".join(toks[:-1])
+        assert extract_answer(text) == str(p.answer)
+        labels, err = toy.label_tokens(p, toks)
+        assert err is None and labels[-1] == toy.CORRECT
+        expected, pos = set(), 0
+        for acc, op, b, res in p.steps():
+            teacher_form, written = toy.rev(acc) + op + toy.rev(b), "".join(toks[pos:pos + len(toy.rev(acc)) + 1 +
+                                                                                 len(toy.rev(b))])
+            if written != teacher_form:  # a swapped addition: surface at the first differing character
+                assert op == "+" and written == toy.rev(b) + "+" + toy.rev(acc)
+                expected.add(pos + next(i for i, (x, y) in enumerate(zip(written, teacher_form)) if x != y))
+            pos += len(teacher_form) + 1 + len(toy.rev(res))
+            if toks[pos] == toy.STUDENT_SEP:
+                expected.add(pos)
+            pos += 1
+        assert {i for i, lab in enumerate(labels) if lab == toy.SURFACE} == expected, (text, labels)
+
+
+def test_swap_rate_zero_leaves_the_default_worlds_data_as_it_was(tmp_path):
+    """The long world's knobs default to off, and off means untouched: no extra random draw (so the default world's
+    prompts and SFT data are those it always had), and a world built before the knobs existed (its build.json
+    without them) is reused as it is, not rebuilt."""
+    p = toy.Problem([51, 61, 74], ["+", "-"])
+    a, b = random.Random(7), random.Random(7)
+    toy.response_pieces(p, a, sep_style=toy.STUDENT_SEP, other_sep_rate=0.1, slip_rate=0.1)
+    toy.response_pieces(p, b, sep_style=toy.STUDENT_SEP, other_sep_rate=0.1, slip_rate=0.1, swap_rate=0.0)
+    assert a.random() == b.random()
+    assert toy.make_problem(random.Random(4)) == toy.make_problem(random.Random(4), min_operands=2)
+    old = {k: v for k, v in toy.asdict(toy.ToyConfig()).items() if k not in
+           ("min_operands", "teacher_swap_rate", "student_swap_rate", "response_cap", "max_positions")}
+    (tmp_path / "build.json").write_text(json.dumps({"config": old, "accuracy": {}}))
+    assert toy.config_of(tmp_path) == toy.ToyConfig()
+    assert toy.build(tmp_path, toy.ToyConfig(), log=lambda *a: None) == {"config": old, "accuracy": {}}  # reused
+    assert toy.train_defaults(tmp_path)["max_new_tokens"] == 48
+    (tmp_path / "build.json").write_text(json.dumps({"config": toy.asdict(toy.ToyConfig(**toy.LONG))}))
+    assert toy.train_defaults(tmp_path)["max_new_tokens"] == toy.LONG["response_cap"]
+    assert toy.train_defaults(tmp_path / "missing") == toy.TRAIN_DEFAULTS
 
 
 def test_tokenizer_round_trips_every_example_and_loads_from_disk(tmp_path):
