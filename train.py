@@ -9,7 +9,7 @@ train.py -- TOPD training: one process or many (torchrun), CPU or GPU, the toy w
         --teacher Qwen/Qwen3-30B-A3B-Instruct-2507 ...   # the paper's pair: both models sharded (parallel.py)
 
 With no --student/--teacher the toy world (toy.py) is built if missing and its student is distilled from its teacher
-with the toy's own defaults (toy.TRAIN_DEFAULTS); with real models the defaults below are those of a pretrained LLM.
+with the toy's own defaults (toy.train_defaults); with real models the defaults below are those of a pretrained LLM.
 
 One optimizer step (train_step), in order (docs/method.md, "Modes" and sections 1-5):
   0. every rank takes its contiguous share of the step's prompts and samples one rollout per prompt with the
@@ -66,7 +66,7 @@ from parallel import all_reduce, grad_sync
 
 @dataclass
 class TrainConfig(topd.TOPDConfig):
-    # models and data (empty student/teacher/prompts = the toy world, with toy.TRAIN_DEFAULTS)
+    # models and data (empty student/teacher/prompts = the toy world, with toy.train_defaults)
     student: str = ""              # student checkpoint: local folder or hub id
     teacher: str = ""              # teacher checkpoint: same tokenizer and stop tokens as the student (checked)
     prompts: str = ""              # training prompts, JSONL {"prompt": ...} (answers not needed)
@@ -137,7 +137,7 @@ def parse_config(argv=None) -> TrainConfig:
     explicit = vars(parser.parse_args(argv))  # only the flags actually given
     if not explicit.get("student"):  # the toy world's own values; an explicit flag still wins
         import toy
-        explicit = {**toy.TRAIN_DEFAULTS, **explicit}
+        explicit = {**toy.train_defaults(explicit.get("toy_dir", TrainConfig.toy_dir)), **explicit}  # its cap
     cfg = TrainConfig(**explicit)
     positive = ["num_candidates", "probe_samples", "probe_tokens", "horizon", "rollout_batch", "micro_batch",
                 "max_new_tokens", "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every",

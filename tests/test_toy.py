@@ -167,6 +167,10 @@ def test_swap_rate_zero_leaves_the_default_worlds_data_as_it_was(tmp_path):
     (tmp_path / "build.json").write_text(json.dumps({"config": toy.asdict(toy.ToyConfig(**toy.LONG))}))
     assert toy.train_defaults(tmp_path)["max_new_tokens"] == toy.LONG["response_cap"]
     assert toy.train_defaults(tmp_path / "missing") == toy.TRAIN_DEFAULTS
+    import train  # train.py's toy job takes the world's cap; an explicit flag still wins
+
+    assert train.parse_config(["--toy-dir", str(tmp_path)]).max_new_tokens == toy.LONG["response_cap"]
+    assert train.parse_config(["--toy-dir", str(tmp_path), "--max-new-tokens", "64"]).max_new_tokens == 64
 
 
 def test_tokenizer_round_trips_every_example_and_loads_from_disk(tmp_path):
