@@ -12,7 +12,9 @@ run's config and id, the starting accuracy, the last metrics). The rules that ke
     the previous checkpoint as latest;
   * rotation deletes only this run's checkpoints older than the one just written (save_checkpoint);
   * --resume refuses a run whose flags differ from the checkpoint's, except the few that cannot change the
-    trajectory of the weights (resume_differences), and restores every RNG state (restore_rng).
+    trajectory of the weights (resume_point, resume_differences), restores the optimizer, the schedule and every
+    RNG state (restore_trainer_state, restore_rng), and drops the metrics logged after the checkpoint
+    (MetricsLog).
 
     python -c "import checkpoint, pathlib; print(checkpoint.latest_checkpoint(pathlib.Path('runs/topd-probe')))"
 """
@@ -140,6 +142,50 @@ def latest_checkpoint(out: Path) -> Path:
     if not (path / "trainer_state.pt").exists():
         raise RuntimeError(f"{pointer} points to {path}, which has no trainer_state.pt")
     return path
+
+
+def resume_point(out: Path, cfg) -> tuple[Path, dict]:
+    """(the checkpoint --resume continues from, its meta.json). A resumed run must be the same run: every flag that
+    shapes the trajectory equal to the checkpoint's (resume_differences), else ValueError naming them."""
+    path = latest_checkpoint(out)
+    meta = json.loads((path / "meta.json").read_text())
+    differ = resume_differences(meta["config"], cfg)
+    if differ:
+        raise ValueError(f"--resume from {path}: these flags differ from the checkpoint's run: "
+                         f"{'; '.join(differ)}. Use the run's own flags (meta.json), or start a new run "
+                         f"(--overwrite / another --out)")
+    return path, meta
+
+
+def restore_trainer_state(path: Path, model, optimizer, scheduler, device) -> dict:
+    """Load checkpoint `path`'s optimizer, scheduler and RNG states in place; returns trainer_state.pt (its step,
+    bad_steps, ...). The weights themselves are the HF folder, loaded like any checkpoint."""
+    state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=False)
+    if state["optimizer"] is None:  # saved sharded (--parallel fsdp); DCP reshards for another process count
+        parallel.load_optimizer(model, optimizer, path / "optimizer")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state)
+    return state
+
+
+class MetricsLog:
+    """out/metrics.jsonl, one JSON record per line, written by rank 0 only. A resumed run first drops the lines
+    after its checkpoint's step (a crashed run's tail), so that the file reads as one uninterrupted run."""
+
+    def __init__(self, out: Path, start_step: int, rank: int):
+        self.path, self.rank = out / "metrics.jsonl", rank
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():  # keep lines up to the resume point, drop a crashed run's tail
+                kept = [l for l in self.path.read_text().splitlines() if json.loads(l).get("step", 0) <= start_step]
+                self.path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
 
 def restore_rng(state: dict) -> None:

@@ -328,6 +328,15 @@ def load_problems(path: str, require_answer: bool = True) -> list[dict]:
     return problems
 
 
+def load_prompts(path: str, require_answer: bool) -> list[dict]:
+    """load_problems for train.py's prompt files (training prompts need no answer, held-out ones do): a file
+    with no rows is an error too."""
+    rows = load_problems(path, require_answer=require_answer)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
 def _rows_to_problems(rows, source: str) -> list[dict]:
     """Hub rows (dicts in any of the known schemas) -> [{"id", "problem", "answer"}, ...].
 
@@ -458,6 +467,25 @@ def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=Non
                                                                           integer_range),
                             "truncated": bool(ro.truncated[row]), "tokens": int(ids.numel()), "response": text})
     return summarize(records, [p["id"] for p in problems], k), records
+
+
+def held_out_accuracy(model, tokenizer, problems: list[dict], *, sampling, seed: int = 0, instruction: bool = True,
+                      chat_template: bool = True, enable_thinking: bool | None = None, integer_range=(0, 999),
+                      max_prompt_len: int | None = None, rank: int = 0, world: int = 1) -> float:
+    """train.py's held-out accuracy: one sample per problem (greedy at temperature 0) through evaluate, the one
+    grading path, with the problems sharded over `world` ranks and the counts summed over them."""
+    import torch
+
+    from parallel import all_reduce
+    from sample import eval_mode
+
+    with eval_mode(model):  # evaluate leaves the model in eval(); a student in training goes back to train()
+        _, records = evaluate(model, tokenizer, problems, k=1, sampling=sampling, seed=seed, batch_size=250,
+                              instruction=instruction, chat_template=chat_template, enable_thinking=enable_thinking,
+                              integer_range=integer_range, max_prompt_len=max_prompt_len, rank=rank, world=world)
+    counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
+    all_reduce(counts)
+    return float(counts[0] / counts[1])
 
 
 def summarize(records: list[dict], ids: list[str], k: int) -> dict:

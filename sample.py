@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 import parallel
-from kernels import Head, token_logprobs
+from kernels import DEFAULT_CHUNK, Head, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,6 +77,26 @@ def eval_mode(model):
         model.train(was_training)
 
 
+def set_checkpointing(model, on: bool):
+    """Activation (gradient) checkpointing on or off, under either of transformers' names for it. HF only
+    checkpoints in train(): sampling in eval() keeps its KV cache."""
+    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    getattr(model, f"{name}_{'enable' if on else 'disable'}")()
+
+
+@contextlib.contextmanager
+def without_checkpointing(model, enabled: bool):
+    """Checkpointed layers drop the KV cache, which the guidance windows need (their prefix is cached). The
+    windows are only H tokens long, so their activations are small: switch checkpointing off around them."""
+    if enabled:
+        set_checkpointing(model, False)
+    try:
+        yield
+    finally:
+        if enabled:
+            set_checkpointing(model, True)
+
+
 def make_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
     """A torch.Generator whose seed is a hash of (seed, *indices), e.g. (seed, step, rank, purpose).
 
@@ -99,7 +119,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 
 def stop_token_ids(tokenizer, config, generation_config=None) -> list[int]:
-    """eos_token_ids from the parts, so that train.py can compare two models' stop sets before loading weights."""
+    """eos_token_ids from the parts, so that teacher.check_checkpoints can compare two models' stop sets before
+    loading weights."""
     ids: list[int] = []
     sources = [getattr(tokenizer, "eos_token_id", None), getattr(config, "eos_token_id", None),
                getattr(generation_config, "eos_token_id", None)]
@@ -110,6 +131,16 @@ def stop_token_ids(tokenizer, config, generation_config=None) -> list[int]:
     if not ids:
         raise ValueError("the model and tokenizer define no EOS token id; set tokenizer.eos_token")
     return ids
+
+
+def generation_config(path: str):
+    """A checkpoint's GenerationConfig (for its EOS ids only; never its sampling settings), or None if absent."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
 
 
 def special_token_ids(tokenizer, eos_ids=()) -> list[int]:
@@ -174,6 +205,18 @@ def encode_prompts(tokenizer, prompts, *, chat_template: bool = False, max_promp
             truncated += 1
         encoded.append(list(ids))
     return encoded, truncated
+
+
+def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: int) -> list[int]:
+    """The global_batch prompt indices of optimizer step `step`: consecutive slices of seeded permutations
+    (one permutation per epoch), so every prompt is seen once per epoch and a resumed run sees the same ones."""
+    out, start, perms = [], step * global_batch, {}
+    for pos in range(start, start + global_batch):
+        epoch, offset = divmod(pos, num_prompts)
+        if epoch not in perms:  # one permutation per epoch (a step spans at most two)
+            perms[epoch] = torch.randperm(num_prompts, generator=make_generator(seed, 10**6 + epoch)).tolist()
+        out.append(perms[epoch][offset])
+    return out
 
 
 def left_pad(sequences, pad_id: int, device=None):
@@ -413,6 +456,43 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
                     prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
                     prompt_lens=mask.sum(-1), logprobs=logps * valid, cache=cache if keep_cache else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Watching the rollouts: length, truncation, the sampler-vs-learner gap
+# ----------------------------------------------------------------------------------------------------------------
+
+def rollout_stats(ro: Rollouts, learner=None, vocab_size=None, chunk_size: int = DEFAULT_CHUNK) -> dict:
+    """Length, truncation and EOS of the rollouts; with the learner's kernels.Head, the sampler-vs-learner log-prob
+    gap (trap 14: ~0 unless padding, positions or dtypes differ between sampling and training). Values are
+    (numerator, denominator) pairs, as topd.reduce_stats sums them over micro-batches and ranks."""
+    n = torch.tensor(float(len(ro.truncated)))
+    truncated = ro.truncated.sum().float().cpu()
+    stats = {"rollout/len_mean": (ro.response_mask.sum().float(), n), "rollout/truncated_frac": (truncated, n),
+             "rollout/eos_frac": (n - truncated, n)}
+    if learner is not None:
+        with torch.no_grad():
+            logp = token_logprobs(learner, ro.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
+            stats["rollout/logp_mismatch"] = (((logp - ro.logprobs).abs() * ro.response_mask).sum(),
+                                              ro.response_mask.sum().float())
+    return stats
+
+
+class TruncationWatch:
+    """Flags a run whose rollouts keep hitting the length cap: truncated_frac above `limit` for `patience` steps in a
+    row is the first sign of a stop-token mismatch or a length explosion (traps 4 and 18)."""
+
+    def __init__(self, limit: float = 0.5, patience: int = 10):
+        self.limit, self.patience, self.streak = limit, patience, 0
+
+    def update(self, truncated_frac: float) -> str | None:
+        """Count one step; returns a warning line when the streak reaches `patience` (and every `patience` after)."""
+        self.streak = self.streak + 1 if truncated_frac > self.limit else 0
+        if self.streak and self.streak % self.patience == 0:
+            return (f"WARNING: {self.streak} steps in a row with more than {self.limit:.0%} of rollouts truncated at "
+                    "--max-new-tokens: the student is not stopping (stop tokens that differ between the models? a "
+                    "cap too small for the task?)")
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ that right is mostly bookkeeping, and this file keeps the bookkeeping in one pla
   * `check_compatible` refuses a teacher whose tokenizer maps ids to different strings (or has different
     special tokens) BEFORE any forward pass, naming both models and the first differing token. Models of one
     family whose `config.vocab_size` differ only by padding rows (Qwen2.5: 151936 vs 152064) are accepted; the
-    logits are sliced to the tokenizer's size (trap 10).
+    logits are sliced to the tokenizer's size (trap 10). `check_checkpoints` runs it on two checkpoints' tokenizers
+    and configs, before any weight is loaded.
   * `response_logits` rebuilds the attention mask and the position ids of left-padded rows exactly as
     sample.py generated them (trap 3), and returns the logits ALIGNED with the response ids: the logit at
     position i predicts token i+1, so response column r (sequence index P+r) is predicted by sequence index
@@ -19,7 +20,7 @@ that right is mostly bookkeeping, and this file keeps the bookkeeping in one pla
   * The teacher runs in eval(), with requires_grad_(False), under torch.no_grad() -- NOT torch.inference_mode():
     inference tensors cannot enter autograd later, and the teacher's outputs do enter the student's loss (trap 6).
   * `self_check` scores one rollout several ways (twice, token by token through the KV cache, and through the
-    fused head) and fails if they disagree (trap 20).
+    fused head) and fails if they disagree (trap 20); `self_check_on_samples` runs it on fresh student rollouts.
 
 The same scoring functions serve the student side of TOPD (its grad-carrying forward over its rollouts, its
 scores of the teacher's probe continuations, its forward over the guidance windows): one implementation of the
@@ -34,12 +35,14 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
 from kernels import DEFAULT_CHUNK, Head, kl_divergence, token_logprobs
-from sample import (Continuations, EncodedPrefixes, Rollouts, cache_kwarg, hidden_states_out, model_step,
-                    position_ids_from_mask)
+from sample import (Continuations, EncodedPrefixes, Rollouts, SamplingConfig, cache_kwarg, eval_mode,
+                    generation_config, hidden_states_out, model_step, position_ids_from_mask, sample_rollouts,
+                    stop_token_ids)
 
 
 def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -94,6 +97,21 @@ def check_compatible(student_tokenizer, teacher_tokenizer, student_config=None, 
         if cfg is not None and getattr(cfg, "vocab_size", size) < size:
             raise ValueError(f"{name}: config.vocab_size={cfg.vocab_size} is smaller than its tokenizer ({size})")
     return size
+
+
+def check_checkpoints(student: str, teacher: str, *, allow_stop_mismatch: bool = False, warn=print):
+    """check_compatible on two checkpoints (folders or hub ids) from their tokenizers and configs alone, before any
+    weight is loaded; each stop set is read from the tokenizer, the config and the generation config together.
+    Returns (the shared vocabulary size, the student's tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    s_tok, t_tok = AutoTokenizer.from_pretrained(student), AutoTokenizer.from_pretrained(teacher)
+    s_conf, t_conf = AutoConfig.from_pretrained(student), AutoConfig.from_pretrained(teacher)
+    vocab_size = check_compatible(
+        s_tok, t_tok, s_conf, t_conf, student, teacher, allow_stop_mismatch=allow_stop_mismatch, warn=warn,
+        student_stop=stop_token_ids(s_tok, s_conf, generation_config(student)),
+        teacher_stop=stop_token_ids(t_tok, t_conf, generation_config(teacher)))
+    return vocab_size, s_tok
 
 
 def response_logits(model, rollouts: Rollouts, cache=None) -> torch.Tensor:
@@ -227,9 +245,22 @@ def self_check(model, rollouts: Rollouts, *, vocab_size: int | None = None, tole
     return result
 
 
+def self_check_on_samples(student, teacher, prompt_ids, *, sampling: SamplingConfig, pad_id: int, eos_ids, generator,
+                          chunk_size: int = DEFAULT_CHUNK, autocast=contextlib.nullcontext, log=print) -> dict:
+    """self_check on rollouts the student samples from `prompt_ids` (train.py's start-up check on two of its
+    prompts, and `python teacher.py --self-check`): raises if the teacher disagrees with itself, else logs the
+    three gaps on one line and returns them."""
+    with torch.no_grad(), eval_mode(student), autocast():
+        ro = sample_rollouts(student, prompt_ids, sampling=sampling, pad_id=pad_id, eos_ids=eos_ids,
+                             generator=generator)
+    r = self_check(teacher, ro, vocab_size=sampling.vocab_size, chunk_size=chunk_size)
+    log(f"teacher self-check: KL between two scoring passes {r['repeat']:.1e}, plain vs KV-cached {r['cached']:.1e}, "
+        f"own vs fused-head logits {r['fused']:.1e} nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
+    return r
+
+
 def main(argv=None):
-    from sample import _tiny_random_model, make_generator, sample_rollouts, SamplingConfig, load_policy, \
-        encode_prompts, eos_token_ids, pad_token_id
+    from sample import _tiny_random_model, encode_prompts, eos_token_ids, load_policy, make_generator, pad_token_id
     parser = argparse.ArgumentParser(description="score student rollouts with a teacher (demo)")
     parser.add_argument("--student", default=None)
     parser.add_argument("--teacher", default=None)
@@ -245,21 +276,18 @@ def main(argv=None):
         teacher.requires_grad_(False)
         prompt_ids, pad, eos, vocab = [[1, 5, 6, 7], [1, 9]], 0, [2], None
     else:
+        vocab, _ = check_checkpoints(args.student, args.teacher)  # before any weight is loaded
         student, s_tok = load_policy(args.student)
-        teacher, t_tok = load_teacher(args.teacher)
+        teacher, _ = load_teacher(args.teacher)
         eos = eos_token_ids(student, s_tok)
-        vocab = check_compatible(s_tok, t_tok, student.config, teacher.config, args.student, args.teacher,
-                                 student_stop=eos, teacher_stop=eos_token_ids(teacher, t_tok))
         prompt_ids, _ = encode_prompts(s_tok, [args.prompt])
         pad = pad_token_id(s_tok)
-    ro = sample_rollouts(student, prompt_ids, sampling=SamplingConfig(max_new_tokens=16, vocab_size=vocab),
-                         eos_ids=eos, pad_id=pad, generator=make_generator(0, 0, 0))
+    sampling = SamplingConfig(max_new_tokens=16, vocab_size=vocab)
     if args.self_check:
-        r = self_check(teacher, ro, vocab_size=vocab)
-        print(f"teacher self-check passed on {r['tokens']} response tokens: KL(teacher || teacher) between two "
-              f"passes {r['repeat']:.2e}, plain vs KV-cached pass {r['cached']:.2e}, own vs fused-head logits "
-              f"{r['fused']:.2e} (tolerance {r['tolerance']:g})")
-        return r
+        return self_check_on_samples(student, teacher, prompt_ids, sampling=sampling, pad_id=pad, eos_ids=eos,
+                                     generator=make_generator(0, 0, 0))
+    ro = sample_rollouts(student, prompt_ids, sampling=sampling, eos_ids=eos, pad_id=pad,
+                         generator=make_generator(0, 0, 0))
     with torch.no_grad():
         # reverse KL per token, KL(student || teacher): what topd.per_token_kl computes, from the kernel itself
         kl = kl_divergence(response_head(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)

@@ -52,11 +52,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import eval_aime
 import parallel
 import sample
 import teacher as teacher_lib
 import topd
-from kernels import DEFAULT_CHUNK, token_logprobs
+from kernels import DEFAULT_CHUNK
 from parallel import all_reduce, grad_sync
 
 
@@ -117,6 +118,11 @@ class TrainConfig(topd.TOPDConfig):
     self_check: bool = True        # at start: score one rollout twice and through the KV cache; fail on disagreement
     allow_stop_mismatch: bool = False  # warn instead of failing when the two models' stop tokens differ
 
+    @property
+    def thinking(self) -> bool | None:
+        """--enable-thinking as chat templates take it: None (the template's default), True or False."""
+        return None if not self.enable_thinking else self.enable_thinking == "true"
+
 
 CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
            "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"), "parallel": parallel.LAYOUTS,
@@ -174,34 +180,13 @@ def parse_config(argv=None) -> TrainConfig:
     return cfg
 
 
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Logging and model-mode helpers (process groups, DDP / FSDP and collectives: parallel.py)
+# Logging and timing (process groups, DDP / FSDP and collectives: parallel.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 def print0(*args, rank: int = 0, **kw):
     if rank == 0:
         print(*args, **kw, flush=True)
-
-
-def set_checkpointing(model, on: bool):
-    """Activation (gradient) checkpointing on or off, under either of transformers' names for it."""
-    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
-    getattr(model, f"{name}_{'enable' if on else 'disable'}")()
-
-
-@contextlib.contextmanager
-def without_checkpointing(model, enabled: bool):
-    """Checkpointed layers drop the KV cache, which the guidance windows need (their prefix is cached). The
-    windows are only H tokens long, so their activations are small: switch checkpointing off around them."""
-    if enabled:
-        set_checkpointing(model, False)
-    try:
-        yield
-    finally:
-        if enabled:
-            set_checkpointing(model, True)
 
 
 class Clock:
@@ -224,34 +209,6 @@ class Clock:
             self.times[phase] += now - since
             if self.open:
                 self.open[-1][1] = now
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data
-# ----------------------------------------------------------------------------------------------------------------
-
-def load_prompts(path: str, require_answer: bool):
-    """JSONL rows -> [{"id", "problem", "answer"}]; a bad line raises ValueError naming path:line."""
-    from eval_aime import load_problems
-
-    rows = load_problems(path, require_answer=require_answer)
-    if not rows:
-        raise ValueError(f"{path}: no prompts")
-    return rows
-
-
-def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: int) -> list[int]:
-    """The global_batch prompt indices of optimizer step `step`: consecutive slices of seeded permutations
-    (one permutation per epoch), so every prompt is seen once per epoch and a resumed run sees the same ones."""
-    out, start, perms = [], step * global_batch, {}
-    for pos in range(start, start + global_batch):
-        epoch, offset = divmod(pos, num_prompts)
-        if epoch not in perms:  # one permutation per epoch (a step spans at most two)
-            perms[epoch] = torch.randperm(num_prompts, generator=sample.make_generator(seed, 10**6 + epoch)).tolist()
-        out.append(perms[epoch][offset])
-    return out
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,10 +244,6 @@ class Run:
 
 def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, local_rank: int = 0,
           log=print) -> Run:
-    from transformers import AutoConfig, AutoTokenizer
-
-    from eval_aime import build_prompt
-
     device = torch.device(f"cuda:{local_rank}" if device_kind == "cuda" else "cpu")
     if device_kind == "cuda":
         torch.cuda.set_device(device)
@@ -309,28 +262,16 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         cfg.prompts, cfg.eval_prompts = cfg.prompts or paths["prompts"], cfg.eval_prompts or paths["eval_prompts"]
 
     # --- every input checked before any model weight is loaded ---
-    prompts = load_prompts(cfg.prompts, require_answer=False)
-    eval_rows = load_prompts(cfg.eval_prompts, require_answer=True)[:cfg.eval_limit] if cfg.eval_prompts else []
-    s_tok, t_tok = AutoTokenizer.from_pretrained(cfg.student), AutoTokenizer.from_pretrained(cfg.teacher)
-    s_conf, t_conf = AutoConfig.from_pretrained(cfg.student), AutoConfig.from_pretrained(cfg.teacher)
-    vocab_size = teacher_lib.check_compatible(
-        s_tok, t_tok, s_conf, t_conf, cfg.student, cfg.teacher, allow_stop_mismatch=cfg.allow_stop_mismatch, warn=log,
-        student_stop=sample.stop_token_ids(s_tok, s_conf, generation_config(cfg.student)),
-        teacher_stop=sample.stop_token_ids(t_tok, t_conf, generation_config(cfg.teacher)))
-    enable_thinking = None if not cfg.enable_thinking else cfg.enable_thinking == "true"
+    prompts = eval_aime.load_prompts(cfg.prompts, require_answer=False)
+    eval_rows = eval_aime.load_prompts(cfg.eval_prompts, require_answer=True)[:cfg.eval_limit] if cfg.eval_prompts else []
+    vocab_size, s_tok = teacher_lib.check_checkpoints(cfg.student, cfg.teacher, warn=log,
+                                                      allow_stop_mismatch=cfg.allow_stop_mismatch)
     prompt_ids, n_truncated = sample.encode_prompts(
-        s_tok, [build_prompt(p["problem"], cfg.instruction) for p in prompts], chat_template=cfg.chat_template,
-        max_prompt_len=cfg.max_prompt_len, strict=cfg.strict, enable_thinking=enable_thinking)
+        s_tok, [eval_aime.build_prompt(p["problem"], cfg.instruction) for p in prompts],
+        chat_template=cfg.chat_template, max_prompt_len=cfg.max_prompt_len, strict=cfg.strict,
+        enable_thinking=cfg.thinking)
     # a resumed run must be the same run: every flag that shapes the trajectory equal to the checkpoint's
-    resume_from, meta = None, {}
-    if cfg.resume:
-        resume_from = checkpoint.latest_checkpoint(Path(cfg.out))
-        meta = json.loads((resume_from / "meta.json").read_text())
-        differ = checkpoint.resume_differences(meta["config"], cfg)
-        if differ:
-            raise ValueError(f"--resume from {resume_from}: these flags differ from the checkpoint's run: "
-                             f"{'; '.join(differ)}. Use the run's own flags (meta.json), or start a new run "
-                             f"(--overwrite / another --out)")
+    resume_from, meta = checkpoint.resume_point(Path(cfg.out), cfg) if cfg.resume else (None, {})
 
     # --- models, optimiser, schedule ---
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
@@ -340,7 +281,7 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         for m in (student, teacher):
             sample.check_prefix_cache(m, cut=lockstep)
     if cfg.gradient_checkpointing:
-        set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
+        sample.set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
     student.train()
     model = parallel.wrap_student(student, cfg.parallel, device_kind, local_rank)  # DDP, FSDP (in place) or itself
     teacher = parallel.shard_teacher(teacher, cfg.parallel)
@@ -362,63 +303,19 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
               special_ids=sample.special_token_ids(tokenizer, eos_ids),
               run_id=meta.get("run_id") or checkpoint.new_run_id(), lockstep=lockstep)
     if resume_from is not None:
-        state = torch.load(resume_from / "trainer_state.pt", map_location=device, weights_only=False)
-        if state["optimizer"] is None:  # saved sharded (--parallel fsdp); DCP reshards for another process count
-            parallel.load_optimizer(student, optimizer, resume_from / "optimizer")
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        run.scheduler.load_state_dict(state["scheduler"])
-        checkpoint.restore_rng(state)
+        state = checkpoint.restore_trainer_state(resume_from, student, optimizer, run.scheduler, device)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
         run.accuracy_before = meta.get("accuracy_before")
         log(f"resumed from {resume_from} at step {run.start_step}")
-    if cfg.self_check:
-        teacher_self_check(run, log)
+    if cfg.self_check:  # teacher.self_check on two real rollouts of the student (trap 20)
+        sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
+                                         vocab_size=vocab_size, lockstep=lockstep)
+        teacher_lib.self_check_on_samples(student, teacher, prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
+                                          eos_ids=eos_ids, generator=sample.make_generator(cfg.seed, -1, rank),
+                                          chunk_size=cfg.chunk_size, autocast=autocast, log=log)
     log(f"{len(prompts)} prompts ({n_truncated} left-truncated to {cfg.max_prompt_len} tokens), {len(eval_rows)} "
         f"held-out; {world} process(es) on {device_kind}; vocab {vocab_size}")
     return run
-
-
-def generation_config(path: str):
-    """The checkpoint's GenerationConfig (for its EOS ids only; never its sampling settings), or None if absent."""
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(path)
-    except OSError:
-        return None
-
-
-def teacher_self_check(run: Run, log) -> None:
-    """teacher.self_check on a few real rollouts of the student before training starts (trap 20)."""
-    cfg = run.cfg
-    sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
-                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
-    with torch.no_grad(), sample.eval_mode(run.student), run.autocast():
-        ro = sample.sample_rollouts(run.student, run.prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
-                                    eos_ids=run.eos_ids, generator=sample.make_generator(cfg.seed, -1, run.rank))
-    r = teacher_lib.self_check(run.teacher, ro, vocab_size=run.vocab_size, chunk_size=cfg.chunk_size)
-    log(f"teacher self-check: KL between two scoring passes {r['repeat']:.1e}, plain vs KV-cached {r['cached']:.1e}, "
-        f"own vs fused-head logits {r['fused']:.1e} nats (max over {r['tokens']} tokens; tolerance {r['tolerance']:g})")
-
-
-def held_out_accuracy(run: Run) -> float:
-    """Greedy (eval_temperature) accuracy on the held-out rows through eval_aime's one grading path, sharded over
-    ranks and summed."""
-    from eval_aime import evaluate
-
-    cfg = run.cfg
-    sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
-    with sample.eval_mode(run.student):
-        _, records = evaluate(run.student, run.tokenizer, run.eval_rows, k=1, sampling=sampling, seed=cfg.seed,
-                              batch_size=250, instruction=cfg.instruction, chat_template=cfg.chat_template,
-                              enable_thinking=None if not cfg.enable_thinking else cfg.enable_thinking == "true",
-                              integer_range=tuple(map(int, cfg.eval_range.split(","))) if cfg.eval_range else None,
-                              max_prompt_len=cfg.max_prompt_len, rank=run.rank, world=run.world)
-    counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
-    all_reduce(counts)
-    return float(counts[0] / counts[1])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,7 +331,7 @@ def train_step(run: Run, step: int) -> dict:
         return sample.make_generator(cfg.seed, step, run.rank * len(micro) + j, purpose, device=run.device)
 
     # ---- 0. rollouts from the current policy; rank r takes the r-th contiguous share of the step's prompts ----
-    indices = step_prompt_indices(len(run.prompts), step, cfg.rollout_batch, cfg.seed)[run.rank * per_rank:]
+    indices = sample.step_prompt_indices(len(run.prompts), step, cfg.rollout_batch, cfg.seed)[run.rank * per_rank:]
     # the probe and the guidance windows start from states of the rollouts: keep the KV caches that sampling and
     # teacher scoring build anyway, so that no prefix is ever encoded twice
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
@@ -511,7 +408,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
                              suppress_weight=cfg.suppress_weight)
         loss, stats = topd.opd_objective(cfg.mode, token_loss, ro.response_mask, num_tokens, **detection)
         # before the backward: under FSDP the head's full weight, which s_head reads, is freed by it
-        stats.update(rollout_stats(ro, s_head if check_logp else None, run.vocab_size, cfg.chunk_size))
+        stats.update(sample.rollout_stats(ro, s_head if check_logp else None, run.vocab_size, cfg.chunk_size))
         (loss * run.world).backward()  # DDP and FSDP AVERAGE gradients over ranks; sum over tokens / N needs * world
     ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
     return stats, found
@@ -531,7 +428,7 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     stats = [topd.no_guidance_stats()]  # the same keys on every rank, windows or not
     for r in range(rounds):
         with grad_sync(run.model, cfg.sync_every_backward or r == rounds - 1), run.autocast(), \
-                without_checkpointing(run.student, cfg.gradient_checkpointing):
+                sample.without_checkpointing(run.student, cfg.gradient_checkpointing):
             if r < len(windows):
                 window_kl = topd.guidance_kl(run.model, windows[r], vocab_size=run.vocab_size,
                                              chunk_size=cfg.chunk_size)  # KL(teacher || student), (N, K, H)
@@ -544,21 +441,6 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     return stats
 
 
-def rollout_stats(ro: sample.Rollouts, learner=None, vocab_size=None, chunk_size: int = DEFAULT_CHUNK) -> dict:
-    """Length, truncation and EOS of the rollouts; with the learner's kernels.Head, the sampler-vs-learner log-prob
-    gap (trap 14: ~0 unless padding, positions or dtypes differ between sampling and training)."""
-    n = torch.tensor(float(len(ro.truncated)))
-    truncated = ro.truncated.sum().float().cpu()
-    stats = {"rollout/len_mean": (ro.response_mask.sum().float(), n), "rollout/truncated_frac": (truncated, n),
-             "rollout/eos_frac": (n - truncated, n)}
-    if learner is not None:
-        with torch.no_grad():
-            logp = token_logprobs(learner, ro.response_ids, vocab_size=vocab_size, chunk_size=chunk_size)
-            stats["rollout/logp_mismatch"] = (((logp - ro.logprobs).abs() * ro.response_mask).sum(),
-                                              ro.response_mask.sum().float())
-    return stats
-
-
 def skip_step(run: Run, step: int) -> None:
     """A non-finite loss or gradient norm: drop the gradient, keep the weights, stop after max_bad_steps in a row."""
     run.optimizer.zero_grad(set_to_none=True)
@@ -568,23 +450,6 @@ def skip_step(run: Run, step: int) -> None:
     if run.bad_steps >= run.cfg.max_bad_steps:
         raise RuntimeError(f"{run.bad_steps} non-finite steps in a row at step {step + 1}: stopping. Lower --lr, "
                            "check the data, or try --dtype float32.")
-
-
-class TruncationWatch:
-    """Flags a run whose rollouts keep hitting the length cap: truncated_frac above `limit` for `patience` steps in a
-    row is the first sign of a stop-token mismatch or a length explosion (traps 4 and 18)."""
-
-    def __init__(self, limit: float = 0.5, patience: int = 10):
-        self.limit, self.patience, self.streak = limit, patience, 0
-
-    def update(self, truncated_frac: float) -> str | None:
-        """Count one step; returns a warning line when the streak reaches `patience` (and every `patience` after)."""
-        self.streak = self.streak + 1 if truncated_frac > self.limit else 0
-        if self.streak and self.streak % self.patience == 0:
-            return (f"WARNING: {self.streak} steps in a row with more than {self.limit:.0%} of rollouts truncated at "
-                    "--max-new-tokens: the student is not stopping (stop tokens that differ between the models? a "
-                    "cap too small for the task?)")
-        return None
 
 
 def format_line(m: dict, total_steps: int) -> str:
@@ -620,20 +485,16 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
     run = setup(cfg, device_kind, rank, world, local_rank, log=lambda *a: print0(*a, rank=rank))
     print0(f"config: {json.dumps(dataclasses.asdict(cfg))}", rank=rank)
     out = Path(cfg.out)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if metrics_path.exists():  # keep lines up to the resume point, drop a crashed run's tail
-            kept = [l for l in metrics_path.read_text().splitlines() if json.loads(l).get("step", 0) <= run.start_step]
-            metrics_path.write_text("".join(l + "\n" for l in kept))
-
-    def log_metrics(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    log_metrics = checkpoint.MetricsLog(out, run.start_step, rank).write  # out/metrics.jsonl, from rank 0
 
     def evaluate(step):
-        acc = held_out_accuracy(run)
+        sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                         vocab_size=run.vocab_size, lockstep=run.lockstep)
+        acc = eval_aime.held_out_accuracy(
+            run.student, run.tokenizer, run.eval_rows, sampling=sampling, seed=cfg.seed, rank=rank, world=world,
+            instruction=cfg.instruction, chat_template=cfg.chat_template, enable_thinking=cfg.thinking,
+            integer_range=tuple(map(int, cfg.eval_range.split(","))) if cfg.eval_range else None,
+            max_prompt_len=cfg.max_prompt_len)
         print0(f"held-out accuracy at step {step}: {acc:.1%}", rank=rank)
         log_metrics({"step": step, "eval/accuracy": acc})
         return acc
@@ -644,7 +505,7 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
             run.accuracy_before = evaluate(run.start_step)
         results["accuracy_before"] = run.accuracy_before
     last_step = min(cfg.steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.steps
-    bar, watch = None, TruncationWatch()
+    bar, watch = None, sample.TruncationWatch()
     if rank == 0:
         from tqdm import tqdm
         # a bar only on a terminal: in a log file its redraws would interleave with the step lines

@@ -71,6 +71,15 @@ def test_encode_prompts_truncates_from_the_left_and_counts():
     assert sample.encode_prompts(tok, ["1+2=?\n"], chat_template=True)[0] == sample.encode_prompts(tok, ["1+2=?\n"])[0]
 
 
+def test_step_prompt_indices_see_every_prompt_once_per_epoch():
+    """Consecutive steps slice seeded permutations: each epoch covers every prompt once, a step may span two
+    epochs, and the same (seed, step) gives the same prompts (a resumed run sees what the uninterrupted one saw)."""
+    steps = [sample.step_prompt_indices(10, step, 4, seed=0) for step in range(5)]  # 20 positions: two epochs
+    flat = [i for s in steps for i in s]
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert steps[3] == sample.step_prompt_indices(10, 3, 4, seed=0) != sample.step_prompt_indices(10, 3, 4, seed=1)
+
+
 def test_left_pad_and_positions():
     ids, mask = sample.left_pad([[5, 6, 7], [8]], 0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
@@ -443,13 +452,24 @@ def test_stop_token_sets_must_match(saved):
         student.generation_config.eos_token_id = EOS_ID
 
 
-def test_teacher_self_check_passes_on_a_sound_teacher_and_catches_broken_ones(saved):
+def test_truncation_watch_flags_ten_steps_above_half():
+    """Review item 6: a truncated fraction above 50% for 10 steps in a row is flagged (stop-token mismatch)."""
+    watch = sample.TruncationWatch()
+    fracs = [0.9] * 9 + [0.2] + [0.6] * 10 + [0.7] * 10
+    flagged = [i for i, f in enumerate(fracs) if watch.update(f)]
+    assert flagged == [19, 29]
+
+
+def test_teacher_self_check_passes_on_a_sound_teacher_and_catches_broken_ones(saved, capsys):
     """`teacher.py --self-check` (trap 20): a sound teacher agrees with itself (KL ~0) and with its KV-cached pass;
     a non-deterministic kernel and a broken cache are caught, each naming what differed."""
-    _, student, tok, teacher, _ = saved
+    root, student, tok, teacher, _ = saved
     ro = _rollouts(student, tok, ["12+34=?\n", "5+6=?\n"], max_new=10)
     ok = teacher_mod.self_check(teacher, ro)
     assert ok["repeat"] < 1e-6 and ok["cached"] < 1e-4 and ok["tokens"] == int(ro.response_mask.sum())
+    # the command: both checkpoints checked before loading, fresh student rollouts, one line (train.py prints it too)
+    cli = teacher_mod.main(["--self-check", "--student", str(root / "student"), "--teacher", str(root / "teacher")])
+    assert cli["repeat"] < 1e-6 and "teacher self-check: KL between two scoring passes" in capsys.readouterr().out
 
     noisy = teacher.lm_head.register_forward_hook(lambda m, i, out: out + 0.5 * torch.randn_like(out))
     try:

@@ -313,14 +313,6 @@ def test_cuda_rng_state_is_restored_on_resume(monkeypatch):
     assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], cuda_states))
 
 
-def test_truncation_watch_flags_ten_steps_above_half():
-    """Review item 6: a truncated fraction above 50% for 10 steps in a row is flagged (stop-token mismatch)."""
-    watch = train.TruncationWatch()
-    fracs = [0.9] * 9 + [0.2] + [0.6] * 10 + [0.7] * 10
-    flagged = [i for i, f in enumerate(fracs) if watch.update(f)]
-    assert flagged == [19, 29]
-
-
 def test_stop_token_mismatch_fails_before_training(fast_world, tmp_path):
     """Review item 6: a teacher whose generation_config stops on an extra token is refused before any forward."""
     import shutil
