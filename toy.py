@@ -20,7 +20,7 @@ the method working. This file builds a complete, small world from nothing, with 
                while after a "," it just continues.
   ground truth label_tokens() marks each response token as surface / correct / error / after_error, so detector
                precision and recall can be measured, not argued.
-  long world   toy.LONG (python toy.py --long): 4-7 operands, 35-90-token answers and a second style kind (the
+  long world   toy.LONG (python toy.py --long): 4-7 operands, 25-70-token answers and a second style kind (the
                student writes additions "b+acc=", the teacher "acc+b="), tuned so that style tokens are ~30% of the
                undistilled student's top-5% loss tokens: the situation the paper's method is for.
   the models   a character-level tokenizer (tokenizers WordLevel -> PreTrainedTokenizerFast, pad/bos/eos and a chat
@@ -327,7 +327,7 @@ FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_
             student_steps=400, student_eval_from=50, hidden=96)
 
 # The long world (python toy.py --long -> runs/toy-long): the regime the paper's premise is about. Chains of LONG
-# operands give 40-90-token solutions, so a rollout has several candidates at gap 8; the student writes two kinds of
+# operands give 25-70-token solutions, so a rollout has several candidates at gap 8; the student writes two kinds of
 # style the teacher understands but rarely writes ("," for ";", and additions with their operands swapped), so style
 # tokens are many and surprising; the teacher's rarer slips make the repair signal after an error weaker. Each knob
 # below was set by measuring the label mix of the top-5% loss tokens (README, "The long world").
