@@ -121,14 +121,23 @@ def sweep(world: Path, out: Path, args) -> list[dict]:
     return points
 
 
-def plot_sweep(points: list[dict], path: Path) -> bool:
+def pyplot():
+    """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_sweep(points: list[dict], path: Path) -> bool:
+    plt = pyplot()
+    if plt is None:
         return False
-    fig, axes = plt.subplots(1, len(SWEEP), figsize=(4.2 * len(SWEEP), 3.6))
+    fig, axes = plt.subplots(1, len(SWEEP), figsize=(4.2 * len(SWEEP), 3.6), squeeze=False)
+    axes = axes[0]  # one panel per knob, also when SWEEP has one
     opd = [p["accuracy"] for p in points if p["knob"] == "-"]
     for ax, (knob, grid) in zip(axes, SWEEP.items()):
         for detector, values in grid.items():
@@ -159,11 +168,8 @@ def curves(run_dirs: dict) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, (ax_acc, ax_kl) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, detector in sorted({(r["mode"], r["detector"]) for r in rows}, key=ROWS.index):

@@ -30,7 +30,7 @@ the method working. This file builds a complete, small world from nothing, with 
 Commands:
     python toy.py                   # build runs/toy/ (about 5 minutes on 2 cores), print both accuracies
     python toy.py --fast            # the quick test world (under a minute)
-    python toy.py --long            # the long world into runs/toy-long/ (about 25 minutes on 2 cores)
+    python toy.py --long            # the long world into runs/toy-long/ (about 26 minutes, see README)
     python toy.py --report          # detector report on rollouts of the finished student, and the mechanism page
                                     # runs/toy/mechanism.html (+ .png): every token coloured by its loss
 """
@@ -329,8 +329,9 @@ FAST = dict(max_value=19, num_train_prompts=2000, num_test_prompts=200, teacher_
 # The long world (python toy.py --long -> runs/toy-long): the regime the paper's premise is about. Chains of LONG
 # operands give 25-70-token solutions, so a rollout has several candidates at gap 8; the student writes two kinds of
 # style the teacher understands but rarely writes ("," for ";", and additions with their operands swapped), so style
-# tokens are many and surprising; the teacher's rarer slips make the repair signal after an error weaker. Each knob
-# below was set by measuring the label mix of the top-5% loss tokens (README, "The long world").
+# tokens are many and surprising; the teacher's rarer slips make the repair signal after an error weaker. The
+# teacher's knobs were set beforehand, the student's by measuring the label mix of the top-5% loss tokens (README,
+# "The long world").
 LONG = dict(min_operands=4, max_operands=7, max_value=49, teacher_steps=4000, teacher_target=0.97,
             teacher_other_sep_rate=0.005,
             teacher_swap_rate=0.01, student_swap_rate=1.0, student_other_sep_rate=0.0, teacher_slip_rate=0.05,
