@@ -1,5 +1,7 @@
 """
-checkpoint.py -- run folders, atomic checkpoints and exact resume for train.py.
+checkpoint.py -- run folders, atomic checkpoints and exact resume for train.py; and the run's records (MetricsLog:
+metrics.jsonl; Clock: wall time per phase of a step; ForwardTokens: tokens through a model's forwards;
+step_line: the line printed per step).
 
 A checkpoint is an HF folder that transformers and vLLM load as is (`save_pretrained`: config.json,
 model.safetensors, the tokenizer), plus trainer_state.pt (optimizer, scheduler, step, RNG states) and meta.json (the
@@ -21,10 +23,12 @@ run's config and id, the starting accuracy, the last metrics). The rules that ke
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -186,6 +190,61 @@ class MetricsLog:
         if self.rank == 0:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+class Clock:
+    """Wall time per phase of a step; time spent in a nested phase is not counted in the enclosing one."""
+
+    def __init__(self):
+        self.start, self.times, self.open = time.time(), dict.fromkeys(("sample", "teacher", "probe", "train"), 0.0), []
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        now = time.time()
+        if self.open:  # pause the enclosing phase
+            self.times[self.open[-1][0]] += now - self.open[-1][1]
+        self.open.append([name, now])
+        try:
+            yield
+        finally:
+            now = time.time()
+            phase, since = self.open.pop()
+            self.times[phase] += now - since
+            if self.open:
+                self.open[-1][1] = now
+
+
+class ForwardTokens:
+    """Counts the tokens that go through a model's forward passes (the size of input_ids: prompts, padding and each
+    cached decoding step's one token per row included), from a forward pre-hook on the module, so every call site
+    is covered: sampling, scoring, the probe, the guidance windows. train.py logs it per step as
+    compute/student_tokens and compute/teacher_tokens: a measure of a step's cost that, unlike wall time, is the
+    same on every machine (reproduce.py's opd_equal_compute row is sized by it)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.count = 0
+        model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.count += ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:-1].numel()
+
+    def take(self) -> int:
+        """The count since the last take(), and restart from zero."""
+        count, self.count = self.count, 0
+        return count
+
+
+def step_line(m: dict, total_steps: int) -> str:
+    """The one line train.py prints per step, from that step's metrics."""
+    line = f"step {m['step']}/{total_steps} | loss {m['opd/loss']:.4f} | kl {m['opd/teacher_kl']:.4f}"
+    if "topd/nondiv_frac" in m:
+        line += f" | nondiv {m['topd/nondiv_frac']:.2f}"
+    if "guide/loss" in m:
+        line += f" | guide {m['guide/loss']:.3f}"
+    return line + (f" | len {m['rollout/len_mean']:.1f} | trunc {m['rollout/truncated_frac']:.2f} | gn "
+                   f"{m['grad_norm']:.2f} | lr {m['lr']:.1e} | tok/s {m['tokens_per_s']:.0f} | "
+                   f"{m['time/step'] * 1000:.0f}ms")
 
 
 def restore_rng(state: dict) -> None:

@@ -42,9 +42,12 @@ ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("t
 # A row's train.py flags. Two rows are not train.py modes of their own:
 #   guide_only          TOPD's guidance with nothing suppressed (topd, --suppress-weight 1): with topd, it separates
 #                       what suppression does from what guidance does;
-#   opd_equal_compute   plain OPD for as many steps as fit in the wall-clock time that topd + probe took on the same
-#                       seed (its steps scale by that time over opd's): a method that costs 2-3x per step has to beat
-#                       the baseline given the same budget to matter to a user.
+#   opd_equal_compute   plain OPD given the compute of topd + probe on the same seed: its steps scale by the student
+#                       forward tokens of that run over opd's (train.py's compute/student_tokens: sampling, scoring,
+#                       probe and guidance forwards, padding included), a count that is the same on every machine,
+#                       where wall time depends on the machine and on what else runs on it (the table also gives
+#                       the ratio of the two runs' step times). A method that costs 2-3x per step has to beat the
+#                       baseline given the same budget to matter to a user.
 ROW_FLAGS = {"opd": ["--mode", "opd"], "opd_suppress": ["--mode", "opd_suppress"], "topd": ["--mode", "topd"],
              "guide_only": ["--mode", "topd", "--suppress-weight", "1"], "opd_equal_compute": ["--mode", "opd"]}
 
@@ -72,6 +75,9 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
     res = json.loads(done.read_text())
     res["seconds"] = json.loads((out / "time.json").read_text())["seconds"]
     res["steps"] = res["config"]["steps"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    res["student_tokens"] = sum(m.get("compute/student_tokens", 0) for m in metrics)  # the run's compute
+    res["step_seconds"] = sum(m.get("time/step", 0) for m in metrics)  # its wall time without the evaluations
     return res
 
 
@@ -227,13 +233,13 @@ def main(argv=None):
     # --- the runs (resumable) ---
     results, run_dirs = {}, {}
     if ("opd_equal_compute", "-") in selected and not {("opd", "-"), ("topd", "probe")} <= set(selected):
-        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their times)")
+        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their compute)")
     for seed in args.seeds:
         for mode, detector in sorted(selected, key=ROWS.index):  # opd_equal_compute last: it needs the others' times
             steps = args.steps
             if mode == "opd_equal_compute":
-                ratio = results[("topd", "probe", seed)]["seconds"] / results[("opd", "-", seed)]["seconds"]
-                steps = max(args.steps, round(args.steps * ratio))
+                topd_run, opd_run = results[("topd", "probe", seed)], results[("opd", "-", seed)]
+                steps = max(args.steps, round(args.steps * topd_run["student_tokens"] / opd_run["student_tokens"]))
             path = out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"
             print(f"[{time.time() - t_start:6.0f}s] {mode:17s} {detector:6s} seed {seed} ({steps} steps)", flush=True)
             results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args, steps)
@@ -248,7 +254,9 @@ def main(argv=None):
         table.append({"mode": mode, "detector": detector, "accuracy_mean": statistics.fmean(after),
                       "accuracy_std": statistics.pstdev(after) if len(after) > 1 else 0.0, "accuracy_runs": after,
                       "accuracy_before": runs[0]["accuracy_before"], "steps": [r["steps"] for r in runs],
-                      "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60})
+                      "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60,
+                      "student_tokens": statistics.fmean(r["student_tokens"] for r in runs),
+                      "step_seconds": statistics.fmean(r["step_seconds"] for r in runs)})
     threshold = float(args.train_args[args.train_args.index("--div-threshold") + 1]) \
         if "--div-threshold" in args.train_args else None
     report = toy.detector_report(world, num_prompts=args.report_prompts, horizon=args.horizon, div_threshold=threshold)
@@ -260,17 +268,23 @@ def main(argv=None):
 
     lines = [f"Toy testbed: {len(args.seeds)} seed(s) {args.seeds}, {args.steps} steps x {args.rollout_batch} rollouts, "
              f"horizon {args.horizon}, greedy accuracy on {len(toy.read_jsonl(world / 'test.jsonl'))} held-out prompts.",
-             "", "| method | detector | held-out accuracy (mean ± std) | per seed | steps | minutes / run |",
-             "|---|---|---|---|---|---|",
-             f"| teacher | - | {acc['teacher']['greedy']:.1%} | - | - | - |",
-             f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - | - |"]
+             "", "| method | detector | held-out accuracy (mean ± std) | per seed | steps | student forward tokens / run "
+             "| minutes / run |", "|---|---|---|---|---|---|---|",
+             f"| teacher | - | {acc['teacher']['greedy']:.1%} | - | - | - | - |",
+             f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - | - | - |"]
     if args.train_args:
         lines[0] += f" Extra train.py flags: `{' '.join(args.train_args)}`."
     for row in table:
         runs = " / ".join(f"{a:.1%}" for a in row["accuracy_runs"])
         steps = "/".join(map(str, sorted(set(row["steps"]))))
         lines.append(f"| {row['mode']} | {row['detector']} | {row['accuracy_mean']:.1%} ± {row['accuracy_std']:.1%} | "
-                     f"{runs} | {steps} | {row['minutes_per_run']:.1f} |")
+                     f"{runs} | {steps} | {row['student_tokens'] / 1e6:.2f}M | {row['minutes_per_run']:.1f} |")
+    by_row = {(row["mode"], row["detector"]): row for row in table}
+    if ("topd", "probe") in by_row and ("opd", "-") in by_row:  # the two measures of compute, side by side
+        topd_row, opd_row = by_row[("topd", "probe")], by_row[("opd", "-")]
+        lines += ["", f"topd (probe) over opd, same steps: {topd_row['student_tokens'] / opd_row['student_tokens']:.2f}x "
+                  f"the student forward tokens (what opd_equal_compute's steps are sized by), "
+                  f"{topd_row['step_seconds'] / opd_row['step_seconds']:.2f}x the step time on this machine."]
     pct = lambda d: ", ".join(f"{k} {d[k]:.0%}" for k in ("surface", "correct", "error", "after_error"))  # noqa: E731
     lines += ["", f"Detector quality on {report['prompts']} rollouts of the undistilled student "
               f"(ground truth from toy.label_tokens):", "",

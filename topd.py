@@ -322,8 +322,9 @@ def guide_loss(window_kl: torch.Tensor, mask: torch.Tensor, decay: float,
 # ----------------------------------------------------------------------------------------------------------------
 
 # Statistics are (numerator, denominator) pairs, summed over micro-batches and ranks before dividing (reduce_stats).
-# These few are counts per optimizer step instead of ratios: reduce_stats reports their summed numerator.
-COUNTS = ("guide/tokens",)
+# These few are counts per optimizer step instead of ratios: reduce_stats reports their summed numerator (the
+# compute/ ones are train.py's, forward tokens of the step: checkpoint.ForwardTokens).
+COUNTS = ("guide/tokens", "compute/student_tokens", "compute/teacher_tokens")
 
 
 def opd_objective(mode: str, token_loss: TokenLoss, mask: torch.Tensor, num_tokens, *,

@@ -28,11 +28,10 @@ One optimizer step (train_step), in order (docs/method.md, "Modes" and sections 
 L_TOPD = L_OPD(w) + lambda * L_guide is a sum, so back-propagating its two parts separately gives exactly the
 gradient of topd.topd_objective, which is built from the same two functions.
 
-Checkpoints (out/ckpt-NNNNNN): an HF folder (`save_pretrained`, loadable by transformers / vLLM as is),
-trainer_state.pt (optimizer, scheduler, step, RNG) and meta.json; written under a temporary name, renamed, then
-`out/latest` is switched atomically: a crash never leaves a broken "latest". Each run owns its --out: a new run in
-a folder that holds another is refused (--overwrite replaces it), and --resume continues the run with the same
-flags and reproduces the uninterrupted run (every random draw is seeded by (seed, step, rank, micro-batch, purpose)).
+Checkpoints (out/ckpt-NNNNNN, checkpoint.py): an HF folder that transformers / vLLM load as is, plus the trainer
+state; written atomically, `out/latest` switched last; an --out that holds another run is refused (--overwrite
+replaces it). --resume continues a run with the same flags and reproduces the uninterrupted run (every random
+draw is seeded by (seed, step, rank, micro-batch, purpose)).
 """
 
 from __future__ import annotations
@@ -145,16 +144,14 @@ def parse_config(argv=None) -> TrainConfig:
         import toy
         explicit = {**toy.train_defaults(explicit.get("toy_dir", TrainConfig.toy_dir)), **explicit}  # its cap
     cfg = TrainConfig(**explicit)
-    positive = ["num_candidates", "probe_samples", "probe_tokens", "horizon", "rollout_batch", "micro_batch",
-                "max_new_tokens", "steps", "chunk_size", "max_bad_steps", "keep_checkpoints", "log_every",
-                "logp_check_every"]
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("min_gap", "warmup", "eval_every", "save_every", "stop_at_step", "weight_decay", "guide_weight",
-                 "suppress_weight", "div_alpha"):
-        if getattr(cfg, name) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    at_least = {**dict.fromkeys(("num_candidates", "probe_samples", "probe_tokens", "horizon", "rollout_batch",
+                                 "micro_batch", "max_new_tokens", "steps", "chunk_size", "max_bad_steps",
+                                 "keep_checkpoints", "log_every", "logp_check_every"), 1),
+                **dict.fromkeys(("min_gap", "warmup", "eval_every", "save_every", "stop_at_step", "weight_decay",
+                                 "guide_weight", "suppress_weight", "div_alpha"), 0)}
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
     if not 0 < cfg.guide_decay <= 1 or cfg.lr <= 0 or cfg.temperature <= 0:
         parser.error("--guide-decay must be in (0, 1], --lr and --temperature > 0")
     if bool(cfg.student) != bool(cfg.teacher):
@@ -181,39 +178,13 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Logging and timing (process groups, DDP / FSDP and collectives: parallel.py)
+# Setup: everything a step needs, built once
 # ----------------------------------------------------------------------------------------------------------------
 
 def print0(*args, rank: int = 0, **kw):
     if rank == 0:
         print(*args, **kw, flush=True)
 
-
-class Clock:
-    """Wall time per phase of a step; time spent in a nested phase is not counted in the enclosing one."""
-
-    def __init__(self):
-        self.start, self.times, self.open = time.time(), dict.fromkeys(("sample", "teacher", "probe", "train"), 0.0), []
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        now = time.time()
-        if self.open:  # pause the enclosing phase
-            self.times[self.open[-1][0]] += now - self.open[-1][1]
-        self.open.append([name, now])
-        try:
-            yield
-        finally:
-            now = time.time()
-            phase, since = self.open.pop()
-            self.times[phase] += now - since
-            if self.open:
-                self.open[-1][1] = now
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Setup: everything a step needs, built once
-# ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
 class Run:
@@ -237,6 +208,7 @@ class Run:
     special_ids: list           # never candidates: special and added tokens of the tokenizer, EOS included
     run_id: str                 # names this run's checkpoints (rotation deletes only its own)
     lockstep: bool = False      # the models are sharded: every rank runs the same forwards (parallel.py)
+    forward_tokens: dict = dataclasses.field(default_factory=dict)  # model name -> checkpoint.ForwardTokens
     accuracy_before: float | None = None  # held-out accuracy at step 0, carried through resumes
     start_step: int = 0
     bad_steps: int = 0
@@ -301,7 +273,9 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
               prompt_ids=prompt_ids, eval_rows=eval_rows, vocab_size=vocab_size,
               pad_id=sample.pad_token_id(tokenizer), eos_ids=eos_ids,
               special_ids=sample.special_token_ids(tokenizer, eos_ids),
-              run_id=meta.get("run_id") or checkpoint.new_run_id(), lockstep=lockstep)
+              run_id=meta.get("run_id") or checkpoint.new_run_id(), lockstep=lockstep,
+              forward_tokens={"student": checkpoint.ForwardTokens(student),
+                              "teacher": checkpoint.ForwardTokens(teacher)})
     if resume_from is not None:
         state = checkpoint.restore_trainer_state(resume_from, student, optimizer, run.scheduler, device)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
@@ -323,7 +297,9 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
 # ----------------------------------------------------------------------------------------------------------------
 
 def train_step(run: Run, step: int) -> dict:
-    cfg, clock = run.cfg, Clock()
+    cfg, clock = run.cfg, checkpoint.Clock()
+    for counter in run.forward_tokens.values():  # from here on, this step's forwards (not evaluation's)
+        counter.take()
     per_rank = cfg.rollout_batch // run.world
     micro = [slice(i, min(i + cfg.micro_batch, per_rank)) for i in range(0, per_rank, cfg.micro_batch)]
 
@@ -362,6 +338,8 @@ def train_step(run: Run, step: int) -> dict:
             stats += guidance_phase(run, windows)
 
     # ---- 4. metrics over micro-batches and ranks, clip, step (or skip a non-finite step) ----
+    stats.append({f"compute/{name}_tokens": (torch.tensor(float(c.take())), torch.tensor(1.0))
+                  for name, c in run.forward_tokens.items()})
     metrics = topd.reduce_stats(stats, all_reduce=all_reduce if run.world > 1 else None)
     grad_norm = parallel.plain_tensor(torch.nn.utils.clip_grad_norm_(run.student.parameters(), cfg.grad_clip))
     finite = math.isfinite(metrics.get("opd/loss", float("nan"))) and bool(torch.isfinite(grad_norm))
@@ -380,7 +358,7 @@ def train_step(run: Run, step: int) -> dict:
     return metrics
 
 
-def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generators, clock: Clock,
+def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generators, clock: checkpoint.Clock,
               check_logp: bool):
     """Phase A on one micro-batch: teacher scores -> student forward -> l_t -> [topd.detect] -> L_OPD(w) backward.
     Returns (statistics, the guidance windows found here: a list, empty outside topd mode)."""
@@ -452,17 +430,6 @@ def skip_step(run: Run, step: int) -> None:
                            "check the data, or try --dtype float32.")
 
 
-def format_line(m: dict, total_steps: int) -> str:
-    line = f"step {m['step']}/{total_steps} | loss {m['opd/loss']:.4f} | kl {m['opd/teacher_kl']:.4f}"
-    if "topd/nondiv_frac" in m:
-        line += f" | nondiv {m['topd/nondiv_frac']:.2f}"
-    if "guide/loss" in m:
-        line += f" | guide {m['guide/loss']:.3f}"
-    return line + (f" | len {m['rollout/len_mean']:.1f} | trunc {m['rollout/truncated_frac']:.2f} | gn "
-                   f"{m['grad_norm']:.2f} | lr {m['lr']:.1e} | tok/s {m['tokens_per_s']:.0f} | "
-                   f"{m['time/step'] * 1000:.0f}ms")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Main: the loop, evaluation, checkpoints
 # ----------------------------------------------------------------------------------------------------------------
@@ -517,7 +484,7 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
         warning = watch.update(metrics["rollout/truncated_frac"])
         if bar is not None:
             if (step + 1) % cfg.log_every == 0:
-                bar.write(format_line(metrics, cfg.steps))  # through the bar's writer: one clean line per step
+                bar.write(checkpoint.step_line(metrics, cfg.steps))  # through the bar's writer: one clean line per step
             if warning:
                 bar.write(warning)
             bar.update(1)

@@ -3,6 +3,8 @@
 import csv
 import json
 
+import pytest
+
 import reproduce
 
 
@@ -17,12 +19,15 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     assert md.count("\n| opd |") == 1 and md.count("| opd_suppress |") == 2 and md.count("| topd |") == 2
     assert md.count("| guide_only |") == 2 and md.count("| opd_equal_compute |") == 1
     # guidance without suppression is topd with suppress weight 1; equal compute runs at least the others' steps,
-    # scaled by topd + probe's time over opd's on the same seed
+    # scaled by topd + probe's student forward tokens over opd's on the same seed (the probe costs forwards)
     config = json.loads((out / "guide_only-probe-seed0" / "results.json").read_text())["config"]
     assert config["mode"] == "topd" and config["suppress_weight"] == 1.0
     eqc = next(r for r in rows if r["mode"] == "opd_equal_compute")
-    times = {r["mode"] + r["detector"]: r["minutes_per_run"] for r in rows}
-    assert eqc["steps"] == [max(4, round(4 * times["topdprobe"] / times["opd-"]))]
+    tokens = {r["mode"] + r["detector"]: r["student_tokens"] for r in rows}
+    assert tokens["topdprobe"] > tokens["opd-"] > 0
+    assert eqc["steps"] == [max(4, round(4 * tokens["topdprobe"] / tokens["opd-"]))] and eqc["steps"][0] > 4
+    assert eqc["student_tokens"] == pytest.approx(tokens["topdprobe"], rel=0.35)  # same budget, whole steps
+    assert "x the student forward tokens" in md
     assert "precision" in md
     det = json.loads((out / "detector.json").read_text())
     assert abs(sum(det["candidates"][k] for k in ("surface", "correct", "error", "after_error")) - 1) < 1e-6

@@ -338,3 +338,41 @@ def test_threshold_rule_is_explicit_and_temperature_warns(tmp_path, capsys):
     assert "--div-rule absolute" in capsys.readouterr().err
     with pytest.warns(UserWarning, match="biased"):
         train.parse_config(["--temperature", "0.7"])
+
+
+def test_forward_tokens_count_every_forward_of_the_step_and_nothing_else(fast_world, tmp_path, monkeypatch):
+    """compute/student_tokens and compute/teacher_tokens (what reproduce.py's equal-compute row is sized by) are the
+    tokens of the step's own forwards: in opd mode the student's sampling steps plus its training forward over the
+    rollouts, and the teacher's one scoring forward; the setup's self-check and evaluations are not counted. TOPD's
+    probe and guidance add forwards to both models on the same rollouts."""
+    import sample
+    import teacher as teacher_lib
+
+    world, _ = fast_world
+    seen = {"sampling": 0, "scored": 0}
+    real_step, real_score = sample.model_step, teacher_lib.score_rollouts
+
+    def counting_step(model, ids, *a, **k):
+        seen["sampling"] += ids.numel()
+        return real_step(model, ids, *a, **k)
+
+    def counting_score(model, ro, *a, **k):
+        seen["scored"] += ro.ids.numel()
+        return real_score(model, ro, *a, **k)
+
+    common = ["--rollout-batch", "8", "--micro-batch", "4", "--eval-every", "0", "--horizon", "6"]
+    cfg = train.parse_config(_args(world, tmp_path / "opd", "--mode", "opd", *common))
+    run = train.setup(cfg, "cpu", log=lambda *a: None)  # its self-check runs forwards: they must not count
+    monkeypatch.setattr(sample, "model_step", counting_step)
+    monkeypatch.setattr(teacher_lib, "score_rollouts", counting_score)
+    opd = train.train_step(run, 0)
+    assert seen["scored"] > 0 and seen["sampling"] > 0
+    assert opd["compute/teacher_tokens"] == seen["scored"]
+    assert opd["compute/student_tokens"] == seen["sampling"] + seen["scored"]  # same padded ids as the teacher's
+    monkeypatch.undo()
+
+    cfg = train.parse_config(_args(world, tmp_path / "topd", "--mode", "topd", "--detector", "probe", *common))
+    topd_metrics = train.train_step(train.setup(cfg, "cpu", log=lambda *a: None), 0)
+    assert topd_metrics["rollout/len_mean"] == opd["rollout/len_mean"]  # the same rollouts (same seed and weights)
+    assert topd_metrics["compute/student_tokens"] > opd["compute/student_tokens"]
+    assert topd_metrics["compute/teacher_tokens"] > opd["compute/teacher_tokens"]
