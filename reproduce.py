@@ -10,10 +10,11 @@ where the truth is known: which tokens are style, which are errors.
 
 What this script does, all from the same toy student and teacher:
   * runs train.py for opd, opd_suppress and topd, each detector (window, probe), guidance without suppression
-    (guide_only) and opd at equal wall-clock compute (opd_equal_compute), over several seeds (ROWS);
+    (guide_only) and opd at equal compute (opd_equal_compute: as many student forward tokens as topd + probe),
+    over several seeds (ROWS);
   * evaluates every final checkpoint on the held-out toy prompts (train.py's eval = eval_aime.evaluate);
   * writes results.md / results.json (held-out accuracy mean and std per row, teacher and student baselines,
-    training time per run), detector.json (toy.detector_report: the label mix of the high-loss candidates, the
+    training time and student forward tokens per run), detector.json (toy.detector_report: the label mix of the high-loss candidates, the
     non-divergent fraction, precision / recall of "divergent" for real forks), curves.csv (accuracy and teacher
     KL per step and run) and curves.png when matplotlib is installed.
 Every run lives in its own folder under --out; a rerun skips the runs that already finished.
