@@ -83,37 +83,60 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
 
 
 # Sensitivity: topd with ONE knob moved from its default at a time, under both detectors, on the tuning seeds. The
-# threshold is swept on the absolute rule (tau in D's units, which differ between the detectors: the window's D is
-# a mean future loss, the probe's a teacher-student margin); H and lambda on the default (relative) rule.
-SWEEP = {"div_threshold": {"window": [0.5, 1.0, 2.0], "probe": [1.0, 2.0, 4.0]},
+# threshold is swept on the absolute rule, in D's units, which differ between the detectors: the window's D is a
+# mean future loss, the probe's a teacher-student margin. The grid is set for the long world (the regime the sweep is
+# for), from the undistilled student's mean D before a style token and before an error (toy.py --long --report):
+# window 1.26 / 2.43, so 1.0 (suppress almost nothing), 1.8 (between), 3.0 (suppress most forks too); probe
+# 7.94 / 8.09, so 6, 8, 10 around both. H and lambda move on the default (relative) rule.
+SWEEP = {"div_threshold": {"window": [1.0, 1.8, 3.0], "probe": [6.0, 8.0, 10.0]},
          "horizon": {"window": [4, 8, 16], "probe": [4, 8, 16]},
          "guide_weight": {"window": [0.25, 1.0, 4.0], "probe": [0.25, 1.0, 4.0]}}
 
 
-def sweep(world: Path, out: Path, args) -> list[dict]:
-    """Every SWEEP point x detector x seed (plus opd per seed, the reference line); writes sweep.csv, sweep.md and
-    sweep.png (accuracy vs knob, one line per detector, the seeds' min-max as a band). Resumable like the table."""
-    points = []
+def sweep_jobs(out: Path, args) -> list[dict]:
+    """The sweep's runs in order: per seed, opd (the reference line), then every SWEEP point x detector. Each job is
+    {point: its row of sweep.csv without the accuracy, path, row, detector, seed, flags} for run_one.
+
+    The probe's points run on --probe-seeds (default: the same seeds): a probe run costs about 2.5x a window run.
+    A point whose value is the knob's default on the default rule (H = --horizon, lambda = TrainConfig's) is one
+    run, `sweep-default-<detector>-seed<s>`, shared by the knobs' lines."""
+    from train import TrainConfig
+
+    defaults = {"horizon": args.horizon, "guide_weight": TrainConfig.guide_weight}
+    jobs = []
     for seed in args.seeds:
-        opd = run_one(world, out / f"opd-none-seed{seed}", "opd", "-", seed, args, args.steps)
-        points.append({"knob": "-", "value": "", "detector": "opd", "seed": seed, "accuracy": opd["accuracy_after"]})
+        jobs.append({"point": {"knob": "-", "value": "", "detector": "opd", "seed": seed},
+                     "path": out / f"opd-none-seed{seed}", "row": "opd", "detector": "-", "seed": seed, "flags": []})
         for knob, grid in SWEEP.items():
             for detector, values in grid.items():
+                if detector == "probe" and seed not in args.probe_seeds:
+                    continue
                 for value in values:
-                    flag = [f"--{knob.replace('_', '-')}", str(value)]
+                    flags = [f"--{knob.replace('_', '-')}", str(value)]
                     if knob == "div_threshold":
-                        flag += ["--div-rule", "absolute"]
-                    path = out / f"sweep-{knob}{value}-{detector}-seed{seed}"
-                    print(f"sweep {knob} {value} {detector} seed {seed}", flush=True)
-                    res = run_one(world, path, "topd", detector, seed, args, args.steps, flag)
-                    points.append({"knob": knob, "value": value, "detector": detector, "seed": seed,
-                                   "accuracy": res["accuracy_after"]})
+                        flags += ["--div-rule", "absolute"]
+                    name = "default" if defaults.get(knob) == value else f"{knob}{value}"
+                    jobs.append({"point": {"knob": knob, "value": value, "detector": detector, "seed": seed},
+                                 "path": out / f"sweep-{name}-{detector}-seed{seed}", "row": "topd",
+                                 "detector": detector, "seed": seed, "flags": flags})
+    return jobs
+
+
+def sweep(world: Path, out: Path, args) -> list[dict]:
+    """Every job of sweep_jobs, then sweep.csv, sweep.md and sweep.png (accuracy vs knob, one line per detector, the
+    seeds' min-max as a band). Resumable like the table: finished runs are read, not rerun."""
+    points = []
+    for job in sweep_jobs(out, args):
+        print(f"sweep {job['point']}", flush=True)
+        res = run_one(world, job["path"], job["row"], job["detector"], job["seed"], args, args.steps, job["flags"])
+        points.append({**job["point"], "accuracy": res["accuracy_after"]})
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(points[0]))
         writer.writeheader()
         writer.writerows(points)
     opd = [p["accuracy"] for p in points if p["knob"] == "-"]
-    lines = [f"Sensitivity of topd (seeds {args.seeds}, {args.steps} steps); opd on the same seeds: "
+    lines = [f"Sensitivity of topd ({args.steps} steps; window on seeds {args.seeds}, probe on seeds "
+             f"{args.probe_seeds}); opd on seeds {args.seeds}: "
              f"{statistics.fmean(opd):.1%} ± {statistics.pstdev(opd):.1%}.", "",
              "| knob | value | detector | accuracy (mean ± std) | per seed |", "|---|---|---|---|---|"]
     for knob, grid in SWEEP.items():
@@ -197,7 +220,8 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, checked, with --smoke's settings applied and args.selected (the rows as (mode, detector))."""
     p = argparse.ArgumentParser(description="the paper's table on the toy testbed")
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--world", default=None, help="toy world folder (default runs/toy, --long: runs/toy-long; "
@@ -212,18 +236,31 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
+    p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: the probe's points on these "
+                   "of --seeds only (default: all of them; a probe run costs ~2.5x a window run)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
-    selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
-    if any(r not in ROWS for r in selected):
+    args.selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
+    if any(r not in ROWS for r in args.selected):
         p.error(f"--rows must be among {[f'{m}:{d}' for m, d in ROWS]}")
+    if ("opd_equal_compute", "-") in args.selected and not {("opd", "-"), ("topd", "probe")} <= set(args.selected):
+        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their compute)")
+    if args.smoke:
+        args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
+        args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
+    args.probe_seeds = args.seeds if args.probe_seeds is None else args.probe_seeds
+    if not set(args.probe_seeds) <= set(args.seeds):
+        p.error(f"--probe-seeds {args.probe_seeds} must be among --seeds {args.seeds}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    selected = args.selected
     import toy
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
-        args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
     world = Path(args.world or (out / "toy-fast" if args.smoke else "runs/toy-long" if args.long else "runs/toy"))
     build = toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig(**toy.LONG) if args.long
                       else toy.ToyConfig())
@@ -233,8 +270,6 @@ def main(argv=None):
 
     # --- the runs (resumable) ---
     results, run_dirs = {}, {}
-    if ("opd_equal_compute", "-") in selected and not {("opd", "-"), ("topd", "probe")} <= set(selected):
-        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their compute)")
     for seed in args.seeds:
         for mode, detector in sorted(selected, key=ROWS.index):  # opd_equal_compute last: it needs the others' times
             steps = args.steps

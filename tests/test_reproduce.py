@@ -42,25 +42,49 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
 
 def test_sweep_moves_one_knob_at_a_time_and_writes_its_table(fast_world, tmp_path, monkeypatch):
     """reproduce.py --sweep: each point is topd with exactly the swept knob changed (a threshold on the absolute
-    rule), one run per detector and seed, plus opd per seed as the reference; sweep.csv and sweep.md hold them all."""
+    rule), one run per detector and seed, plus opd per seed as the reference; a default value is one run shared by
+    the knobs that sweep through it; sweep.csv and sweep.md hold every point."""
     world, _ = fast_world
     out = tmp_path / "sweep"
     monkeypatch.setattr(reproduce, "SWEEP", {"div_threshold": {"window": [0.5], "probe": [2.0]},
-                                             "horizon": {"window": [4], "probe": [4]}})
+                                             "horizon": {"window": [4, 8], "probe": [4]},
+                                             "guide_weight": {"window": [1.0]}})
     result = reproduce.main(["--smoke", "--sweep", "--out", str(out), "--world", str(world)])
     points = result["sweep"]
     assert [(p["knob"], p["value"], p["detector"]) for p in points] == [
         ("-", "", "opd"), ("div_threshold", 0.5, "window"), ("div_threshold", 2.0, "probe"),
-        ("horizon", 4, "window"), ("horizon", 4, "probe")]
+        ("horizon", 4, "window"), ("horizon", 8, "window"), ("horizon", 4, "probe"), ("guide_weight", 1.0, "window")]
+    folders = {p.name for p in out.iterdir() if (p / "results.json").exists()}
+    assert folders == {"opd-none-seed0", "sweep-div_threshold0.5-window-seed0", "sweep-div_threshold2.0-probe-seed0",
+                       "sweep-horizon4-window-seed0", "sweep-horizon4-probe-seed0", "sweep-default-window-seed0"}
     for p in points[1:]:
-        config = json.loads((out / f"sweep-{p['knob']}{p['value']}-{p['detector']}-seed0" / "results.json")
-                            .read_text())["config"]
+        is_default = (p["knob"], p["value"]) in {("horizon", 8), ("guide_weight", 1.0)}
+        folder = out / (f"sweep-default-{p['detector']}-seed0" if is_default else
+                        f"sweep-{p['knob']}{p['value']}-{p['detector']}-seed0")
+        run = json.loads((folder / "results.json").read_text())
+        config = run["config"]
         assert config["mode"] == "topd" and config["detector"] == p["detector"] and config["steps"] == 4
         assert config[p["knob"]] == p["value"]
         assert config["div_rule"] == ("absolute" if p["knob"] == "div_threshold" else "relative")
-        assert config["horizon"] == (4 if p["knob"] == "horizon" else 8)
-        assert p["accuracy"] == json.loads((out / f"sweep-{p['knob']}{p['value']}-{p['detector']}-seed0" /
-                                            "results.json").read_text())["accuracy_after"]
+        assert config["horizon"] == (4 if (p["knob"], p["value"]) == ("horizon", 4) else 8)
+        assert config["guide_weight"] == 1.0 and p["accuracy"] == run["accuracy_after"]
     with open(out / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(points)
     assert (out / "sweep.md").read_text().count("| horizon | 4 |") == 2
+
+
+def test_sweep_runs_the_probe_on_probe_seeds_only(tmp_path, capsys):
+    """--probe-seeds: the window's points (and opd) on every seed, the probe's on the chosen ones; a probe seed that
+    is not among --seeds is an error that names both flags."""
+    args = reproduce.parse_args(["--sweep", "--seeds", "0", "1", "--probe-seeds", "1"])
+    jobs = reproduce.sweep_jobs(tmp_path, args)
+    per_seed = {s: [(j["row"], j["detector"]) for j in jobs if j["seed"] == s] for s in (0, 1)}
+    n_window = sum(len(grid["window"]) for grid in reproduce.SWEEP.values())
+    n_probe = sum(len(grid["probe"]) for grid in reproduce.SWEEP.values())
+    assert per_seed[0].count(("topd", "window")) == n_window and ("topd", "probe") not in per_seed[0]
+    assert per_seed[1].count(("topd", "probe")) == n_probe and per_seed[1].count(("opd", "-")) == 1
+    # H = 8 and lambda = 1 are one run per detector and seed: the window on 2 seeds, the probe on 1
+    assert len({j["path"] for j in jobs}) == len(jobs) - 3
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--sweep", "--seeds", "0", "--probe-seeds", "2"])
+    assert "--probe-seeds [2] must be among --seeds [0]" in capsys.readouterr().err
