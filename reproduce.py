@@ -86,8 +86,8 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
 # threshold is swept on the absolute rule, in D's units, which differ between the detectors: the window's D is a
 # mean future loss, the probe's a teacher-student margin. The grid is set for the long world (the regime the sweep is
 # for), from the undistilled student's mean D before a style token and before an error (toy.py --long --report):
-# window 1.26 / 2.43, so 1.0 (suppress almost nothing), 1.8 (between), 3.0 (suppress most forks too); probe
-# 7.94 / 8.09, so 6, 8, 10 around both. H and lambda move on the default (relative) rule.
+# window 1.26 / 2.43, so 1.0 (below both means), 1.8 (between them), 3.0 (above both); probe 7.94 / 8.09,
+# so 6, 8, 10 (below, between, above). H and lambda move on the default (relative) rule.
 SWEEP = {"div_threshold": {"window": [1.0, 1.8, 3.0], "probe": [6.0, 8.0, 10.0]},
          "horizon": {"window": [4, 8, 16], "probe": [4, 8, 16]},
          "guide_weight": {"window": [0.25, 1.0, 4.0], "probe": [0.25, 1.0, 4.0]}}
@@ -236,8 +236,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
-    p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: the probe's points on these "
-                   "of --seeds only (default: all of them; a probe run costs ~2.5x a window run)")
+    p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: run the probe's points only on "
+                   "these seeds, a subset of --seeds (default: all of them; a probe run costs ~2.5x a window run)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
     args.selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
