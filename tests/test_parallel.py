@@ -129,6 +129,41 @@ def test_fsdp_never_hangs_when_the_ranks_rollouts_differ_in_length(fast_world, t
     assert (out / "latest").read_text() == "ckpt-000001"
 
 
+_TEARDOWN = """
+import gc, os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+import train
+close = dist.destroy_process_group
+def counting_close(*args, **kwargs):  # how many sharded modules are still alive when the process group closes
+    print(f"rank {{os.environ['RANK']}}: {{sum(isinstance(o, FSDPModule) for o in gc.get_objects())}} sharded modules "
+          "alive at destroy_process_group", flush=True)
+    return close(*args, **kwargs)
+dist.destroy_process_group = counting_close
+gc.disable()  # no automatic collection may hide a leak: only train.py's own collection counts
+train.main(sys.argv[1:])
+"""
+
+
+def test_fsdp_frees_its_modules_before_closing_the_process_group(fast_world, tmp_path):
+    """FSDP's modules live in reference cycles; left to the collector at interpreter exit, they were torn down after
+    the process group had closed and a rank aborted now and then ("terminate called without an active exception").
+    main() must free every sharded module (student and teacher) before destroy_process_group."""
+    world, _ = fast_world
+    driver = tmp_path / "teardown.py"
+    driver.write_text(_TEARDOWN.format(root=str(ROOT)))
+    args = _args(world, tmp_path / "out", "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode",
+                 "topd", "--detector", "window", "--horizon", "4", "--max-new-tokens", "12", "--eval-every", "0",
+                 "--parallel", "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = sorted(line for line in proc.stdout.splitlines() if "alive at destroy_process_group" in line)
+    assert counts == [f"rank {r}: 0 sharded modules alive at destroy_process_group" for r in (0, 1)], proc.stdout
+
+
 def _tiny_moe_teacher(world: Path, dst: Path) -> Path:
     """A Qwen3-MoE model (4 experts, 2 per token) over the toy's vocabulary and tokenizer, random weights."""
     from transformers import AutoTokenizer, GenerationConfig, Qwen3MoeConfig, Qwen3MoeForCausalLM
