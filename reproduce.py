@@ -97,7 +97,8 @@ def sweep_jobs(out: Path, args) -> list[dict]:
     """The sweep's runs in order: per seed, opd (the reference line), then every SWEEP point x detector. Each job is
     {point: its row of sweep.csv without the accuracy, path, row, detector, seed, flags} for run_one.
 
-    The probe's points run on --probe-seeds (default: the same seeds): a probe run costs about 2.5x a window run.
+    The probe's points run on --probe-seeds (default: the same seeds) and for --probe-knobs (default: every knob): a
+    probe run costs about 2.5x a window run.
     A point whose value is the knob's default on the default rule (H = --horizon, lambda = TrainConfig's) is one
     run, `sweep-default-<detector>-seed<s>`, shared by the knobs' lines."""
     from train import TrainConfig
@@ -109,7 +110,7 @@ def sweep_jobs(out: Path, args) -> list[dict]:
                      "path": out / f"opd-none-seed{seed}", "row": "opd", "detector": "-", "seed": seed, "flags": []})
         for knob, grid in SWEEP.items():
             for detector, values in grid.items():
-                if detector == "probe" and seed not in args.probe_seeds:
+                if detector == "probe" and (seed not in args.probe_seeds or knob not in args.probe_knobs):
                     continue
                 for value in values:
                     flags = [f"--{knob.replace('_', '-')}", str(value)]
@@ -134,21 +135,29 @@ def sweep(world: Path, out: Path, args) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=list(points[0]))
         writer.writeheader()
         writer.writerows(points)
+    lines = sweep_markdown(points, args)
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_sweep(points, out / "sweep.png")
+    print("\n".join(lines))
+    return points
+
+
+def sweep_markdown(points: list[dict], args) -> list[str]:
+    """sweep.md's lines: opd's mean, then one table row per (knob, value, detector) that ran, over its seeds."""
     opd = [p["accuracy"] for p in points if p["knob"] == "-"]
     lines = [f"Sensitivity of topd ({args.steps} steps; window on seeds {args.seeds}, probe on seeds "
-             f"{args.probe_seeds}); opd on seeds {args.seeds}: "
+             f"{args.probe_seeds} for {', '.join(args.probe_knobs)}); opd on seeds {args.seeds}: "
              f"{statistics.fmean(opd):.1%} ± {statistics.pstdev(opd):.1%}.", "",
              "| knob | value | detector | accuracy (mean ± std) | per seed |", "|---|---|---|---|---|"]
     for knob, grid in SWEEP.items():
         for detector, values in grid.items():
             for value in values:
                 accs = [p["accuracy"] for p in points if (p["knob"], p["value"], p["detector"]) == (knob, value, detector)]
+                if not accs:  # a probe knob left out by --probe-knobs
+                    continue
                 lines.append(f"| {knob} | {value} | {detector} | {statistics.fmean(accs):.1%} ± "
                              f"{statistics.pstdev(accs):.1%} | {' / '.join(f'{a:.1%}' for a in accs)} |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    plot_sweep(points, out / "sweep.png")
-    print("\n".join(lines))
-    return points
+    return lines
 
 
 def pyplot():
@@ -173,6 +182,8 @@ def plot_sweep(points: list[dict], path: Path) -> bool:
         for detector, values in grid.items():
             accs = [[p["accuracy"] for p in points if (p["knob"], p["value"], p["detector"]) == (knob, v, detector)]
                     for v in values]
+            if not all(accs):  # a probe knob left out by --probe-knobs
+                continue
             ax.plot(values, [statistics.fmean(a) for a in accs], marker="o", label=f"topd ({detector})")
             ax.fill_between(values, [min(a) for a in accs], [max(a) for a in accs], alpha=0.2)
         ax.axhspan(min(opd), max(opd), color="grey", alpha=0.2)
@@ -238,6 +249,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: run the probe's points only on "
                    "these seeds, a subset of --seeds (default: all of them; a probe run costs ~2.5x a window run)")
+    p.add_argument("--probe-knobs", nargs="+", default=list(SWEEP), choices=list(SWEEP),
+                   help="--sweep: the knobs swept under the probe (default: all of them)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
     args.selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]

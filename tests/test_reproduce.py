@@ -85,6 +85,30 @@ def test_sweep_runs_the_probe_on_probe_seeds_only(tmp_path, capsys):
     assert per_seed[1].count(("topd", "probe")) == n_probe and per_seed[1].count(("opd", "-")) == 1
     # H = 8 and lambda = 1 are one run per detector and seed: the window on 2 seeds, the probe on 1
     assert len({j["path"] for j in jobs}) == len(jobs) - 3
+    # --probe-knobs: the probe's lambda points left out, its default run kept (the H line shares it)
+    args = reproduce.parse_args(["--sweep", "--seeds", "0", "--probe-knobs", "div_threshold", "horizon"])
+    probe = {j["path"].name for j in reproduce.sweep_jobs(tmp_path, args) if j["detector"] == "probe"}
+    assert probe == {"sweep-default-probe-seed0", "sweep-horizon4-probe-seed0", "sweep-horizon16-probe-seed0",
+                     *(f"sweep-div_threshold{t}-probe-seed0" for t in reproduce.SWEEP["div_threshold"]["probe"])}
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--sweep", "--seeds", "0", "--probe-seeds", "2"])
     assert "--probe-seeds [2] must be among --seeds [0]" in capsys.readouterr().err
+
+
+def test_sweep_table_and_plot_leave_out_the_probe_knobs_not_run(tmp_path):
+    """With --probe-knobs div_threshold, sweep.md has the probe's tau rows only (means and spreads over the seeds that
+    ran, computed by hand here) and the plot draws the panels without the probe's missing lines."""
+    args = reproduce.parse_args(["--sweep", "--seeds", "0", "1", "--probe-seeds", "0", "--probe-knobs", "div_threshold"])
+    points = [{**job["point"], "accuracy": 0.40 + 0.1 * job["seed"] + 0.01 * i}
+              for i, job in enumerate(reproduce.sweep_jobs(tmp_path, args))]
+    lines = reproduce.sweep_markdown(points, args)
+    opd = [p["accuracy"] for p in points if p["knob"] == "-"]  # seed 0: 0.40 (job 0); seed 1: 0.50 + 0.01 * its index
+    assert opd[0] == pytest.approx(0.40) and lines[0].endswith(f"{(opd[0] + opd[1]) / 2:.1%} ± {(opd[1] - opd[0]) / 2:.1%}.")
+    rows = [line.split(" | ") for line in lines[4:]]
+    probe = [r for r in rows if r[2] == "probe"]
+    assert [r[0] for r in probe] == ["| div_threshold"] * 3  # no probe H or lambda rows: they did not run
+    window_h4 = [p["accuracy"] for p in points if (p["knob"], p["value"], p["detector"]) == ("horizon", 4, "window")]
+    assert len(window_h4) == 2 and f"{sum(window_h4) / 2:.1%}" in next(
+        " | ".join(r) for r in rows if r[:3] == ["| horizon", "4", "window"])
+    if reproduce.pyplot() is not None:  # matplotlib is optional
+        assert reproduce.plot_sweep(points, tmp_path / "sweep.png") and (tmp_path / "sweep.png").stat().st_size > 0
