@@ -262,6 +262,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
     args.probe_seeds = args.seeds if args.probe_seeds is None else args.probe_seeds
+    args.probe_knobs = list(dict.fromkeys(args.probe_knobs))  # a knob named twice is swept once
     if not set(args.probe_seeds) <= set(args.seeds):
         p.error(f"--probe-seeds {args.probe_seeds} must be among --seeds {args.seeds}")
     return args

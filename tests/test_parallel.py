@@ -134,11 +134,13 @@ import gc, os, sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 import train
 close = dist.destroy_process_group
-def counting_close(*args, **kwargs):  # how many sharded modules are still alive when the process group closes
-    print(f"rank {{os.environ['RANK']}}: {{sum(isinstance(o, FSDPModule) for o in gc.get_objects())}} sharded modules "
-          "alive at destroy_process_group", flush=True)
+def counting_close(*args, **kwargs):  # what is still sharded and alive when the process group closes
+    alive = gc.get_objects()
+    print(f"rank {{os.environ['RANK']}}: {{sum(isinstance(o, FSDPModule) for o in alive)}} sharded modules, "
+          f"{{sum(isinstance(o, DTensor) for o in alive)}} DTensors alive at destroy_process_group", flush=True)
     return close(*args, **kwargs)
 dist.destroy_process_group = counting_close
 gc.disable()  # no automatic collection may hide a leak: only train.py's own collection counts
@@ -149,7 +151,7 @@ train.main(sys.argv[1:])
 def test_fsdp_frees_its_modules_before_closing_the_process_group(fast_world, tmp_path):
     """FSDP's modules live in reference cycles; left to the collector at interpreter exit, they were torn down after
     the process group had closed and a rank aborted now and then ("terminate called without an active exception").
-    main() must free every sharded module (student and teacher) before destroy_process_group."""
+    main() must free every sharded module and tensor (student, teacher, AdamW state) before destroy_process_group."""
     world, _ = fast_world
     driver = tmp_path / "teardown.py"
     driver.write_text(_TEARDOWN.format(root=str(ROOT)))
@@ -161,7 +163,8 @@ def test_fsdp_frees_its_modules_before_closing_the_process_group(fast_world, tmp
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     counts = sorted(line for line in proc.stdout.splitlines() if "alive at destroy_process_group" in line)
-    assert counts == [f"rank {r}: 0 sharded modules alive at destroy_process_group" for r in (0, 1)], proc.stdout
+    assert counts == [f"rank {r}: 0 sharded modules, 0 DTensors alive at destroy_process_group" for r in (0, 1)], \
+        proc.stdout
 
 
 def _tiny_moe_teacher(world: Path, dst: Path) -> Path:

@@ -96,8 +96,8 @@ def test_sweep_runs_the_probe_on_probe_seeds_only(tmp_path, capsys):
 
 
 def test_sweep_table_and_plot_leave_out_the_probe_knobs_not_run(tmp_path):
-    """With --probe-knobs div_threshold, sweep.md has the probe's tau rows only (means and spreads over the seeds that
-    ran, computed by hand here) and the plot draws the panels without the probe's missing lines."""
+    """With --probe-knobs div_threshold, sweep.md has the probe's tau rows only (opd's mean and spread and a window
+    mean over the seeds that ran, computed by hand here) and the plot draws the panels without the probe's missing lines."""
     args = reproduce.parse_args(["--sweep", "--seeds", "0", "1", "--probe-seeds", "0", "--probe-knobs", "div_threshold"])
     points = [{**job["point"], "accuracy": 0.40 + 0.1 * job["seed"] + 0.01 * i}
               for i, job in enumerate(reproduce.sweep_jobs(tmp_path, args))]
