@@ -190,6 +190,9 @@ def plot_sweep(points: list[dict], path: Path) -> bool:
         ax.axhline(statistics.fmean(opd), color="grey", ls="--", label="opd (seed range shaded)")
         ax.set(xscale="log", xlabel={"div_threshold": "tau (absolute rule)", "horizon": "H",
                                      "guide_weight": "lambda"}[knob], ylabel="held-out accuracy")
+        ticks = sorted({v for values in grid.values() for v in values})  # the grid's values, not log-scale clutter
+        ax.minorticks_off()
+        ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
