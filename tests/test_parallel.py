@@ -2,10 +2,7 @@
 FSDP gives DDP's weights, resumes exactly, never hangs when the ranks' rollouts have different lengths, shards a
 mixture-of-experts teacher, and writes checkpoints that plain from_pretrained loads."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -117,10 +114,7 @@ def test_fsdp_never_hangs_when_the_ranks_rollouts_differ_in_length(fast_world, t
     args = _args(world, out, "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode", mode,
                  "--detector", detector, "--probe-samples", "2", "--horizon", "4", "--max-new-tokens", "12",
                  "--eval-prompts", str(world / "test.jsonl"), "--eval-limit", "6", "--parallel", "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    _run(args, nproc=2, timeout=300, script=driver)
     m = _metrics(out)[0]
     # half the rollouts (rank 0's) have 1 token, the other half the cap: the mean length tells both really ran
     assert m["rollout/len_mean"] == pytest.approx((1 + 12) / 2)
@@ -158,10 +152,7 @@ def test_fsdp_frees_its_modules_before_closing_the_process_group(fast_world, tmp
     args = _args(world, tmp_path / "out", "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode",
                  "topd", "--detector", "window", "--horizon", "4", "--max-new-tokens", "12", "--eval-every", "0",
                  "--parallel", "fsdp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = _run(args, nproc=2, timeout=300, script=driver)
     counts = sorted(line for line in proc.stdout.splitlines() if "alive at destroy_process_group" in line)
     assert counts == [f"rank {r}: 0 sharded modules, 0 DTensors alive at destroy_process_group" for r in (0, 1)], \
         proc.stdout

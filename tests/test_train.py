@@ -22,14 +22,15 @@ def _args(world, out, *extra):
             "--prompts", str(world / "train.jsonl"), *toy.train_flags(), "--out", str(out), *extra]
 
 
-def _run(args, nproc=None, timeout=600):
-    """Run train.py as a user would: `python train.py` or `torchrun --nproc_per_node=N train.py`."""
+def _run(args, nproc=None, timeout=600, script=ROOT / "train.py"):
+    """Run train.py as a user would: `python train.py` or `torchrun --nproc_per_node=N train.py`. `script`: a test's
+    driver that patches something and then calls train.main, launched the same way."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     if nproc is None:
-        cmd = [sys.executable, str(ROOT / "train.py"), *args]
+        cmd = [sys.executable, str(script), *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               str(ROOT / "train.py"), *args]
+               str(script), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-6000:]}"
     return proc
