@@ -68,12 +68,20 @@ class TOPDConfig:
     probe_samples: int = 4         # K continuations per model per candidate; K guidance windows per divergent state
     probe_tokens: int = 65536      # the probe's memory bound: cached prefix tokens (states x K x length) per chunk
     horizon: int = 32              # H tokens per continuation / window
+    guide_horizon: int = 0         # tokens per guidance window (sec. 5) if not H; 0 = H (the spec: one H for both)
     div_rule: str = "relative"     # relative: tau = mean + alpha * std of D per rollout | absolute: tau = threshold
     div_alpha: float = 0.5         # alpha of the relative rule
     div_threshold: float = 1.0     # tau of the absolute rule, in D's units (nats/token); may be negative (--kl sampled)
     suppress_weight: float = 0.0   # weight of non-divergent candidates in L_OPD (sec. 4)
     guide_weight: float = 1.0      # lambda (sec. 5)
     guide_decay: float = 1.0       # gamma over the window (1 = uniform)
+
+    @property
+    def window_horizon(self) -> int:
+        """The length of the guidance windows of sec. 5. The spec uses one H for the detector's look-ahead (sec. 3)
+        and the windows; --guide-horizon sets the windows' alone, an ablation that tells which of the two a longer H
+        helps through."""
+        return self.guide_horizon or self.horizon
 
     @property
     def threshold(self) -> float | None:
@@ -474,10 +482,13 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     special = torch.isin(rollouts.response_ids, torch.as_tensor(list(special_ids), device=mask.device))
     candidates = select_candidates(token_loss.loss, mask, cfg.num_candidates, cfg.min_gap, special)  # (B, C)
     probe = None
+    # the probe's teacher continuations are the guidance windows when they have the windows' length; with another
+    # --guide-horizon the windows are sampled afresh at the divergent states, as for the window detector
+    probe_makes_windows = cfg.mode == "topd" and cfg.window_horizon == cfg.horizon
     if cfg.detector == "probe":
         probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
                                  pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
-                                 keep_teacher_windows=cfg.mode == "topd", teacher_cache=teacher_cache,
+                                 keep_teacher_windows=probe_makes_windows, teacher_cache=teacher_cache,
                                  max_tokens=cfg.probe_tokens, lockstep=lockstep)
         scores = probe.scores
     else:
@@ -486,8 +497,9 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     windows = []
     if cfg.mode == "topd":
         windows = teacher_windows(student, teacher, rollouts, candidates, divergent, k=cfg.probe_samples,
-                                  horizon=cfg.horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
-                                  generator=windows_generator or generator, probe=probe,
+                                  horizon=cfg.window_horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
+                                  generator=windows_generator or generator,
+                                  probe=probe if probe_makes_windows else None,
                                   teacher_cache=teacher_cache, lockstep=lockstep)
     return Detection(candidates=candidates, scores=scores, divergent=divergent, windows=windows)
 

@@ -149,7 +149,7 @@ def parse_config(argv=None) -> TrainConfig:
                                  "micro_batch", "max_new_tokens", "steps", "chunk_size", "max_bad_steps",
                                  "keep_checkpoints", "log_every", "logp_check_every"), 1),
                 **dict.fromkeys(("min_gap", "warmup", "eval_every", "save_every", "stop_at_step", "weight_decay",
-                                 "guide_weight", "suppress_weight", "div_alpha"), 0)}
+                                 "guide_weight", "suppress_weight", "div_alpha", "guide_horizon"), 0)}
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")

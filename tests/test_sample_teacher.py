@@ -538,3 +538,45 @@ def test_probe_in_chunks_keeps_every_state_and_only_divergent_windows(saved):
         assert w.teacher_conts.head.hidden.shape[-1] == teacher.config.hidden_size  # hidden states, not logits
         kl = topd.guidance_kl(student, w, vocab_size=25)
         assert kl.shape == w.teacher_conts.ids.shape and torch.isfinite(kl).all()
+
+
+# ------------------------------------------------------------------------------- --guide-horizon
+
+@pytest.mark.parametrize("detector", ["window", "probe"])
+def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector):
+    """--guide-horizon (the H-ablation: look-ahead vs guidance length) changes the guidance windows' length and
+    leaves the detector alone: the same D and the same divergent states as with one H for both. With the probe, the
+    windows are then sampled afresh (the probe's H-token continuations are not windows of another length); with
+    guide_horizon == horizon, or 0, they are the probe's own continuations, token for token."""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS, max_new=12)
+    loss = torch.rand(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)) * ro.response_mask
+    token_loss = topd.TokenLoss(loss, loss)
+
+    def run(guide_horizon):
+        cfg = topd.TOPDConfig(mode="topd", detector=detector, num_candidates=3, min_gap=2, probe_samples=2,
+                              horizon=6, guide_horizon=guide_horizon, div_alpha=0.0)
+        # no EOS: every continuation runs its full length, so the lengths below are the horizons themselves
+        return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
+                           vocab_size=25, generator=sample.make_generator(0))
+
+    same, explicit, short = run(0), run(6), run(3)
+    assert int(same.divergent.sum()) > 0
+    for d in (explicit, short):
+        assert torch.equal(d.candidates, same.candidates) and torch.equal(d.scores, same.scores)
+        assert torch.equal(d.divergent, same.divergent)
+    if detector == "window":  # D looks 6 tokens ahead, not 3
+        cands = same.candidates
+        assert torch.equal(same.scores, topd.window_divergence(loss, ro.response_mask, cands, 6))
+        assert not torch.equal(same.scores, topd.window_divergence(loss, ro.response_mask, cands, 3))
+
+    def window_ids(d):
+        return [w.teacher_conts.ids for w in d.windows]
+
+    assert {ids.shape[-1] for ids in window_ids(same)} == {6} and {ids.shape[-1] for ids in window_ids(short)} == {3}
+    assert sum(len(w.student_prefixes) for w in short.windows) == int(same.divergent.sum())
+    assert all(torch.equal(a, b) for a, b in zip(window_ids(explicit), window_ids(same), strict=True))
+    if detector == "probe":  # fresh windows, not the probe's continuations cut short
+        assert not torch.equal(torch.cat(window_ids(short))[..., :3], torch.cat(window_ids(same))[..., :3])
+    kl = topd.guidance_kl(student, short.windows[0], vocab_size=25)
+    assert kl.shape[-1] == 3 and torch.isfinite(kl).all()
