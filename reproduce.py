@@ -10,8 +10,8 @@ where the truth is known: which tokens are style, which are errors.
 
 What this script does, all from the same toy student and teacher:
   * runs train.py for opd, opd_suppress and topd, each detector (window, probe), guidance without suppression
-    (guide_only) and opd at equal compute (opd_equal_compute: as many student forward tokens as topd + probe),
-    over several seeds (ROWS);
+    (guide_only) and opd at equal compute (opd_equal_compute: as many student forward tokens as topd + probe, or
+    as the row named by --equal-compute-to), over several seeds (ROWS);
   * evaluates every final checkpoint on the held-out toy prompts (train.py's eval = eval_aime.evaluate);
   * writes results.md / results.json (held-out accuracy mean and std per row, teacher and student baselines,
     training time and student forward tokens per run), detector.json (toy.detector_report: the label mix of the high-loss candidates, the
@@ -43,7 +43,8 @@ ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("t
 # A row's train.py flags. Two rows are not train.py modes of their own:
 #   guide_only          TOPD's guidance with nothing suppressed (topd, --suppress-weight 1): with topd, it separates
 #                       what suppression does from what guidance does;
-#   opd_equal_compute   plain OPD given the compute of topd + probe on the same seed: its steps scale by the student
+#   opd_equal_compute   plain OPD given the compute of topd + probe (or of the row --equal-compute-to names) on the
+#                       same seed: its steps scale by the student
 #                       forward tokens of that run over opd's (train.py's compute/student_tokens: sampling, scoring,
 #                       probe and guidance forwards, padding included), a count that is the same on every machine,
 #                       where wall time depends on the machine and on what else runs on it (the table also gives
@@ -54,7 +55,8 @@ ROW_FLAGS = {"opd": ["--mode", "opd"], "opd_suppress": ["--mode", "opd_suppress"
 
 
 def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, steps: int, extra=()) -> dict:
-    """One train.py run in its own folder (skipped when its results.json exists). Returns its summary."""
+    """One train.py run in its own folder (skipped when its results.json exists; an error when that run has another
+    number of steps). Returns its summary."""
     import toy
 
     done = out / "results.json"
@@ -74,6 +76,9 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
             raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
         (out / "time.json").write_text(json.dumps({"seconds": time.time() - t0}))
     res = json.loads(done.read_text())
+    if res["config"]["steps"] != steps:  # a resumed table must not mix budgets silently
+        raise RuntimeError(f"{out} holds a finished run of {res['config']['steps']} steps, not {steps}: give another "
+                           "--out, or delete that folder to run it again")
     res["seconds"] = json.loads((out / "time.json").read_text())["seconds"]
     res["steps"] = res["config"]["steps"]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -248,6 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--horizon", type=int, default=8, help="the toy world's horizon (toy.TRAIN_DEFAULTS)")
     p.add_argument("--report-prompts", type=int, default=200, help="rollouts for the detector report")
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
+    p.add_argument("--equal-compute-to", default="topd:probe", help="the row whose student forward tokens per seed "
+                   "opd_equal_compute is given (default topd:probe, the dearest one)")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: run the probe's points only on "
@@ -259,8 +266,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
     if any(r not in ROWS for r in args.selected):
         p.error(f"--rows must be among {[f'{m}:{d}' for m, d in ROWS]}")
-    if ("opd_equal_compute", "-") in args.selected and not {("opd", "-"), ("topd", "probe")} <= set(args.selected):
-        p.error("the opd_equal_compute row needs the opd:- and topd:probe rows (its steps come from their compute)")
+    args.equal_compute_to = tuple(args.equal_compute_to.split(":"))
+    if args.equal_compute_to not in ROWS or args.equal_compute_to[0] in ("opd", "opd_equal_compute"):
+        p.error(f"--equal-compute-to must be a TOPD-family row among --rows' choices, got {':'.join(args.equal_compute_to)}")
+    if ("opd_equal_compute", "-") in args.selected and not {("opd", "-"), args.equal_compute_to} <= set(args.selected):
+        p.error(f"the opd_equal_compute row needs the opd:- and {':'.join(args.equal_compute_to)} rows (its steps "
+                "come from their compute; --equal-compute-to names the second)")
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
@@ -290,10 +301,12 @@ def main(argv=None):
     for seed in args.seeds:
         for mode, detector in sorted(selected, key=ROWS.index):  # opd_equal_compute last: it needs the others' times
             steps = args.steps
-            if mode == "opd_equal_compute":
-                topd_run, opd_run = results[("topd", "probe", seed)], results[("opd", "-", seed)]
-                steps = max(args.steps, round(args.steps * topd_run["student_tokens"] / opd_run["student_tokens"]))
             path = out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"
+            if mode == "opd_equal_compute":
+                target_run, opd_run = results[(*args.equal_compute_to, seed)], results[("opd", "-", seed)]
+                steps = max(args.steps, round(args.steps * target_run["student_tokens"] / opd_run["student_tokens"]))
+                if args.equal_compute_to != ("topd", "probe"):  # its own folder: another budget, another run
+                    path = out / f"{mode}-to-{'-'.join(args.equal_compute_to)}-seed{seed}"
             print(f"[{time.time() - t_start:6.0f}s] {mode:17s} {detector:6s} seed {seed} ({steps} steps)", flush=True)
             results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args, steps)
             run_dirs[(mode, detector, seed)] = path
@@ -333,11 +346,12 @@ def main(argv=None):
         lines.append(f"| {row['mode']} | {row['detector']} | {row['accuracy_mean']:.1%} ± {row['accuracy_std']:.1%} | "
                      f"{runs} | {steps} | {row['student_tokens'] / 1e6:.2f}M | {row['minutes_per_run']:.1f} |")
     by_row = {(row["mode"], row["detector"]): row for row in table}
-    if ("topd", "probe") in by_row and ("opd", "-") in by_row:  # the two measures of compute, side by side
-        topd_row, opd_row = by_row[("topd", "probe")], by_row[("opd", "-")]
-        lines += ["", f"topd (probe) over opd, same steps: {topd_row['student_tokens'] / opd_row['student_tokens']:.2f}x "
-                  f"the student forward tokens (what opd_equal_compute's steps are sized by), "
-                  f"{topd_row['step_seconds'] / opd_row['step_seconds']:.2f}x the step time on this machine."]
+    if args.equal_compute_to in by_row and ("opd", "-") in by_row:  # the two measures of compute, side by side
+        target_row, opd_row = by_row[args.equal_compute_to], by_row[("opd", "-")]
+        lines += ["", f"{' + '.join(args.equal_compute_to)} over opd, same steps: "
+                  f"{target_row['student_tokens'] / opd_row['student_tokens']:.2f}x the student forward tokens (what "
+                  f"opd_equal_compute's steps are sized by), {target_row['step_seconds'] / opd_row['step_seconds']:.2f}x "
+                  f"the step time on this machine."]
     pct = lambda d: ", ".join(f"{k} {d[k]:.0%}" for k in ("surface", "correct", "error", "after_error"))  # noqa: E731
     lines += ["", f"Detector quality on {report['prompts']} rollouts of the undistilled student "
               f"(ground truth from toy.label_tokens):", "",

@@ -112,3 +112,28 @@ def test_sweep_table_and_plot_leave_out_the_probe_knobs_not_run(tmp_path):
         " | ".join(r) for r in rows if r[:3] == ["| horizon", "4", "window"])
     if reproduce.pyplot() is not None:  # matplotlib is optional
         assert reproduce.plot_sweep(points, tmp_path / "sweep.png") and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_equal_compute_to_another_row_sizes_opd_by_that_row_in_its_own_folder(fast_world, tmp_path, capsys):
+    """--equal-compute-to topd:window: opd_equal_compute gets topd + window's student forward tokens (not the
+    probe's), in a folder of its own, so a table resumed with another target never reuses a run of another budget;
+    and a finished run of another number of steps is an error, not a silent reuse."""
+    world, _ = fast_world
+    out = tmp_path / "eqw"
+    summary = reproduce.main(["--smoke", "--out", str(out), "--world", str(world), "--rows", "opd:-", "topd:window",
+                              "opd_equal_compute:-", "--equal-compute-to", "topd:window"])
+    tokens = {r["mode"] + r["detector"]: r["student_tokens"] for r in summary["rows"]}
+    eqc = next(r for r in summary["rows"] if r["mode"] == "opd_equal_compute")
+    assert tokens["topdwindow"] > tokens["opd-"] > 0
+    assert eqc["steps"] == [max(4, round(4 * tokens["topdwindow"] / tokens["opd-"]))] and eqc["steps"][0] > 4
+    assert (out / "opd_equal_compute-to-topd-window-seed0" / "results.json").exists()
+    assert not (out / "opd_equal_compute-none-seed0").exists()
+    assert "topd + window over opd, same steps" in (out / "results.md").read_text()
+    args = reproduce.parse_args(["--smoke"])
+    with pytest.raises(RuntimeError, match="holds a finished run of 4 steps, not 5"):
+        reproduce.run_one(world, out / "opd-none-seed0", "opd", "-", 0, args, 5)
+    for bad in (["--rows", "opd:-", "opd_equal_compute:-", "--equal-compute-to", "topd:window"],
+                ["--equal-compute-to", "opd:-"], ["--equal-compute-to", "topd"]):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(bad)
+        assert "--equal-compute-to" in capsys.readouterr().err
