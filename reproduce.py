@@ -268,7 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--rows must be among {[f'{m}:{d}' for m, d in ROWS]}")
     args.equal_compute_to = tuple(args.equal_compute_to.split(":"))
     if args.equal_compute_to not in ROWS or args.equal_compute_to[0] in ("opd", "opd_equal_compute"):
-        p.error(f"--equal-compute-to must be a TOPD-family row among --rows' choices, got {':'.join(args.equal_compute_to)}")
+        p.error("--equal-compute-to must be a TOPD-family row among --rows' choices, got "
+                f"{':'.join(args.equal_compute_to)}")
     if ("opd_equal_compute", "-") in args.selected and not {("opd", "-"), args.equal_compute_to} <= set(args.selected):
         p.error(f"the opd_equal_compute row needs the opd:- and {':'.join(args.equal_compute_to)} rows (its steps "
                 "come from their compute; --equal-compute-to names the second)")
