@@ -216,6 +216,20 @@ def curves(run_dirs: dict) -> list[dict]:
     return rows
 
 
+def mean_curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """The mean over seeds of `key` per step, at the steps where EVERY seed has a value. Runs of different lengths
+    (opd_equal_compute's steps differ per seed) end at different steps; a mean over whichever seeds got there would
+    draw one seed's value as the row's.
+    Example: seed 0 at steps 0, 50, 307 and seed 1 at 0, 50, 312 -> steps [0, 50]."""
+    seeds = {r["seed"] for r in rows}
+    pts = {}
+    for r in rows:
+        if r[key] != "":
+            pts.setdefault(r["step"], []).append(r[key])
+    steps = sorted(s for s, values in pts.items() if len(values) == len(seeds))
+    return steps, [statistics.fmean(pts[s]) for s in steps]
+
+
 def plot(rows: list[dict], path: Path) -> bool:
     plt = pyplot()
     if plt is None:
@@ -225,12 +239,8 @@ def plot(rows: list[dict], path: Path) -> bool:
         label = mode if detector == "-" else f"{mode} ({detector})"
         mine = [r for r in rows if r["mode"] == mode and r["detector"] == detector]
         for key, ax in (("accuracy", ax_acc), ("teacher_kl", ax_kl)):
-            pts = {}
-            for r in mine:
-                if r[key] != "":
-                    pts.setdefault(r["step"], []).append(r[key])
-            steps = sorted(pts)
-            ax.plot(steps, [statistics.fmean(pts[s]) for s in steps], label=label, marker="o" if key == "accuracy" else None)
+            steps, means = mean_curve(mine, key)
+            ax.plot(steps, means, label=label, marker="o" if key == "accuracy" else None)
     ax_acc.set(xlabel="step", ylabel="held-out accuracy (mean over seeds)")
     ax_kl.set(xlabel="step", ylabel="teacher KL per token (mean over seeds)", yscale="log")
     ax_acc.legend(fontsize=8)

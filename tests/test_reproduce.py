@@ -137,3 +137,11 @@ def test_equal_compute_to_another_row_sizes_opd_by_that_row_in_its_own_folder(fa
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
         assert "--equal-compute-to" in capsys.readouterr().err
+
+
+def test_mean_curve_averages_only_the_steps_every_seed_reached():
+    """Equal-compute runs end at a different step per seed: the plotted mean must not show one seed as the row."""
+    row = lambda seed, step, acc: {"seed": seed, "step": step, "accuracy": acc}  # noqa: E731
+    rows = [row(0, 0, 0.4), row(0, 50, 0.2), row(0, 60, ""), row(0, 307, 0.5),
+            row(1, 0, 0.4), row(1, 50, 0.4), row(1, 60, ""), row(1, 312, 0.0)]
+    assert reproduce.mean_curve(rows, "accuracy") == ([0, 50], [pytest.approx(0.4), pytest.approx(0.3)])
