@@ -65,7 +65,7 @@ def test_bad_flags_are_argparse_errors_naming_the_flag(fast_world, tmp_path, cap
     with pytest.raises(SystemExit):
         train.parse_config(_args(world, tmp_path, "--guide-horizon", "-1"))
     assert "--guide-horizon" in capsys.readouterr().err
-    assert train.parse_config(_args(world, tmp_path, "--horizon", "8")).window_horizon == 8  # 0: the detector's H
+    assert train.parse_config(_args(world, tmp_path, "--horizon", "6")).window_horizon == 6  # 0: the --horizon given
     assert train.parse_config(_args(world, tmp_path, "--guide-horizon", "16")).window_horizon == 16
 
 
