@@ -17,12 +17,14 @@ What this script does, all from the same toy student and teacher:
     training time and student forward tokens per run), detector.json (toy.detector_report: the label mix of the high-loss candidates, the
     non-divergent fraction, precision / recall of "divergent" for real forks), curves.csv (accuracy and teacher
     KL per step and run) and curves.png when matplotlib is installed.
-Every run lives in its own folder under --out; a rerun skips the runs that already finished.
+Every run lives in its own folder under --out; a rerun skips the runs that already finished. --jobs N runs N
+train.py processes at once, each with --threads torch threads (default: the cores shared out, at least 1): on the
+2-core machine the README's long-world numbers come from --jobs 2, i.e. 1 thread per run.
 
 Commands:
     python reproduce.py                 # the full table: 3 seeds x 8 rows on the default world
     python reproduce.py --smoke         # 1 seed, a few steps on the --fast world: checks the pipeline (CI)
-    python reproduce.py --long --seeds 3 4 5 6 7    # the long world (toy.LONG), the held-out seeds
+    python reproduce.py --long --seeds 3 4 5 6 7 --jobs 2   # the long world (toy.LONG), the held-out seeds
     python reproduce.py --long --sweep --seeds 0 1 2   # sensitivity of topd to tau, H and lambda (SWEEP)
 """
 
@@ -31,11 +33,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent
 ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("topd", "window"), ("topd", "probe"),
@@ -70,11 +75,15 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
                *args.train_args, *extra]  # --overwrite: an unfinished run (no results.json) starts again
         if detector != "-":
             cmd += ["--detector", detector]
+        # The thread count is set, not inherited: float sums differ between thread counts, so a run's numbers are
+        # reproducible only with its count, which time.json keeps next to the wall time it explains.
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         t0 = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"run failed: {' '.join(cmd)}\n{proc.stderr[-4000:]}")
-        (out / "time.json").write_text(json.dumps({"seconds": time.time() - t0}))
+        (out / "time.json").write_text(json.dumps({"seconds": time.time() - t0, "threads": args.threads,
+                                                   "jobs": args.jobs}))
     res = json.loads(done.read_text())
     if res["config"]["steps"] != steps:  # a resumed table must not mix budgets silently
         raise RuntimeError(f"{out} holds a finished run of {res['config']['steps']} steps, not {steps}: give another "
@@ -98,6 +107,68 @@ SWEEP = {"div_threshold": {"window": [1.0, 1.8, 3.0], "probe": [6.0, 8.0, 10.0]}
          "guide_weight": {"window": [0.25, 1.0, 4.0], "probe": [0.25, 1.0, 4.0]}}
 
 
+def run_jobs(world: Path, args, jobs: list[dict], follow_up=None) -> dict:
+    """Runs every job (a dict with key, path, row, detector, seed, steps and optionally flags) through run_one,
+    --jobs at a time, and returns {key: run_one's summary, with the run's folder as "path"}.
+
+    follow_up(results) -> more jobs, called after each run ends: a job whose steps depend on other runs
+    (opd_equal_compute's, from its seed's opd and target tokens) is submitted as soon as those are done, not after
+    the whole table. On the first failure no further job starts, the running ones end, and the error is raised:
+    every finished run stays on disk, and the next call resumes from there.
+    Example: jobs [opd seed 0, topd seed 0], --jobs 2 -> both start at once; follow_up then adds opd_equal_compute
+    seed 0 when the second one ends."""
+    results, t_start = {}, time.time()
+
+    def start(job):
+        print(f"[{time.time() - t_start:6.0f}s] start {job['path'].name} ({job['steps']} steps)", flush=True)
+        return {**run_one(world, job["path"], job["row"], job["detector"], job["seed"], args, job["steps"],
+                          job.get("flags", ())), "path": job["path"]}
+
+    # Jobs are handed to the pool only when a slot is free, so that after a failure nothing new starts.
+    queue, running = list(jobs), {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:  # threads only wait: each run is its own process
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                job = queue.pop(0)
+                running[pool.submit(start, job)] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                results[running.pop(future)["key"]] = future.result()  # a failed run raises here
+            queue[:0] = follow_up(results) if follow_up else []  # ready now: ahead of the queue
+    return results
+
+
+def table_jobs(out: Path, args) -> tuple[list[dict], Callable[[dict], list[dict]]]:
+    """The table's runs: every selected row but opd_equal_compute on every seed (seed-major, in ROWS order), and the
+    follow_up (see run_jobs) that adds a seed's opd_equal_compute once its opd and --equal-compute-to runs are done.
+    opd_equal_compute gets max(steps, round(steps * target tokens / opd tokens)) steps: the same student forward
+    tokens as the target row on that seed, in whole steps, never fewer than the table's."""
+    def job(mode, detector, seed, steps, path=None):
+        return {"key": (mode, detector, seed), "row": mode, "detector": detector, "seed": seed, "steps": steps,
+                "path": path or out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"}
+
+    rows = sorted(args.selected, key=ROWS.index)
+    jobs = [job(mode, detector, seed, args.steps) for seed in args.seeds for mode, detector in rows
+            if mode != "opd_equal_compute"]
+    waiting = [seed for seed in args.seeds if ("opd_equal_compute", "-") in rows]
+
+    def follow_up(results):
+        ready = [seed for seed in waiting if {("opd", "-", seed), (*args.equal_compute_to, seed)} <= set(results)]
+        for seed in ready:
+            waiting.remove(seed)
+        new = []
+        for seed in ready:
+            target, opd = results[(*args.equal_compute_to, seed)], results[("opd", "-", seed)]
+            steps = max(args.steps, round(args.steps * target["student_tokens"] / opd["student_tokens"]))
+            path = None
+            if args.equal_compute_to != ("topd", "probe"):  # its own folder: another budget, another run
+                path = out / f"opd_equal_compute-to-{'-'.join(args.equal_compute_to)}-seed{seed}"
+            new.append(job("opd_equal_compute", "-", seed, steps, path))
+        return new
+
+    return jobs, follow_up
+
+
 def sweep_jobs(out: Path, args) -> list[dict]:
     """The sweep's runs in order: per seed, opd (the reference line), then every SWEEP point x detector. Each job is
     {point: its row of sweep.csv without the accuracy, path, row, detector, seed, flags} for run_one.
@@ -112,7 +183,8 @@ def sweep_jobs(out: Path, args) -> list[dict]:
     jobs = []
     for seed in args.seeds:
         jobs.append({"point": {"knob": "-", "value": "", "detector": "opd", "seed": seed},
-                     "path": out / f"opd-none-seed{seed}", "row": "opd", "detector": "-", "seed": seed, "flags": []})
+                     "path": out / f"opd-none-seed{seed}", "row": "opd", "detector": "-", "seed": seed, "flags": [],
+                     "steps": args.steps, "key": out / f"opd-none-seed{seed}"})
         for knob, grid in SWEEP.items():
             for detector, values in grid.items():
                 if detector == "probe" and (seed not in args.probe_seeds or knob not in args.probe_knobs):
@@ -122,20 +194,20 @@ def sweep_jobs(out: Path, args) -> list[dict]:
                     if knob == "div_threshold":
                         flags += ["--div-rule", "absolute"]
                     name = "default" if defaults.get(knob) == value else f"{knob}{value}"
+                    path = out / f"sweep-{name}-{detector}-seed{seed}"
                     jobs.append({"point": {"knob": knob, "value": value, "detector": detector, "seed": seed},
-                                 "path": out / f"sweep-{name}-{detector}-seed{seed}", "row": "topd",
-                                 "detector": detector, "seed": seed, "flags": flags})
+                                 "path": path, "row": "topd", "detector": detector, "seed": seed, "flags": flags,
+                                 "steps": args.steps, "key": path})
     return jobs
 
 
 def sweep(world: Path, out: Path, args) -> list[dict]:
     """Every job of sweep_jobs, then sweep.csv, sweep.md and sweep.png (accuracy vs knob, one line per detector, the
     seeds' min-max as a band). Resumable like the table: finished runs are read, not rerun."""
-    points = []
-    for job in sweep_jobs(out, args):
-        print(f"sweep {job['point']}", flush=True)
-        res = run_one(world, job["path"], job["row"], job["detector"], job["seed"], args, args.steps, job["flags"])
-        points.append({**job["point"], "accuracy": res["accuracy_after"]})
+    jobs = sweep_jobs(out, args)
+    unique = list({job["key"]: job for job in jobs}.values())  # a default point shared by two knobs runs once
+    results = run_jobs(world, args, unique)
+    points = [{**job["point"], "accuracy": results[job["key"]]["accuracy_after"]} for job in jobs]
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(points[0]))
         writer.writeheader()
@@ -265,6 +337,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rows", nargs="+", default=None, help="a subset of rows as mode:detector, e.g. topd:probe")
     p.add_argument("--equal-compute-to", default="topd:probe", help="the row whose student forward tokens per seed "
                    "opd_equal_compute is given (default topd:probe, the dearest one)")
+    p.add_argument("--jobs", type=int, default=1, help="train.py runs at once, each its own process (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the machine's cores "
+                   "divided by --jobs, at least 1); results are reproducible for a given thread count")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: run the probe's points only on "
@@ -283,6 +358,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if ("opd_equal_compute", "-") in args.selected and not {("opd", "-"), args.equal_compute_to} <= set(args.selected):
         p.error(f"the opd_equal_compute row needs the opd:- and {':'.join(args.equal_compute_to)} rows (its steps "
                 "come from their compute; --equal-compute-to names the second)")
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
@@ -307,20 +386,10 @@ def main(argv=None):
     if args.sweep:
         return {"sweep": sweep(world, out, args), "minutes_total": (time.time() - t_start) / 60}
 
-    # --- the runs (resumable) ---
-    results, run_dirs = {}, {}
-    for seed in args.seeds:
-        for mode, detector in sorted(selected, key=ROWS.index):  # opd_equal_compute last: it needs the others' times
-            steps = args.steps
-            path = out / f"{mode}-{detector.replace('-', 'none')}-seed{seed}"
-            if mode == "opd_equal_compute":
-                target_run, opd_run = results[(*args.equal_compute_to, seed)], results[("opd", "-", seed)]
-                steps = max(args.steps, round(args.steps * target_run["student_tokens"] / opd_run["student_tokens"]))
-                if args.equal_compute_to != ("topd", "probe"):  # its own folder: another budget, another run
-                    path = out / f"{mode}-to-{'-'.join(args.equal_compute_to)}-seed{seed}"
-            print(f"[{time.time() - t_start:6.0f}s] {mode:17s} {detector:6s} seed {seed} ({steps} steps)", flush=True)
-            results[(mode, detector, seed)] = run_one(world, path, mode, detector, seed, args, steps)
-            run_dirs[(mode, detector, seed)] = path
+    # --- the runs (resumable; --jobs at a time) ---
+    jobs, follow_up = table_jobs(out, args)
+    results = run_jobs(world, args, jobs, follow_up)
+    run_dirs = {key: res["path"] for key, res in results.items()}
 
     # --- the table ---
     acc = build["accuracy"]

@@ -2,6 +2,8 @@
 
 import csv
 import json
+import threading
+import time
 
 import pytest
 
@@ -145,3 +147,73 @@ def test_mean_curve_averages_only_the_steps_every_seed_reached():
     rows = [row(0, 0, 0.4), row(0, 50, 0.2), row(0, 60, ""), row(0, 307, 0.5),
             row(1, 0, 0.4), row(1, 50, 0.4), row(1, 60, ""), row(1, 312, 0.0)]
     assert reproduce.mean_curve(rows, "accuracy") == ([0, 50], [pytest.approx(0.4), pytest.approx(0.3)])
+
+
+def test_jobs_run_side_by_side_and_equal_compute_waits_for_its_inputs(tmp_path, monkeypatch, capsys):
+    """--jobs 2: never more than two runs at once; a seed's opd_equal_compute starts only after that seed's opd and
+    target runs ended, with steps from their tokens; a failed run cancels the queued ones and raises."""
+    args = reproduce.parse_args(["--seeds", "0", "1", "--steps", "10", "--jobs", "2", "--equal-compute-to",
+                                 "topd:window", "--rows", "opd:-", "topd:window", "opd_equal_compute:-"])
+    tokens = {("opd", 0): 100, ("topd", 0): 250, ("opd", 1): 100, ("topd", 1): 140}
+    lock, events, active = threading.Lock(), [], [0]
+
+    def fake_run_one(world, out, row, detector, seed, args, steps, extra=()):
+        with lock:
+            active[0] += 1
+            events.append(("start", out.name, active[0]))
+        time.sleep(0.05 if row == "opd" else 0.15)  # opd ends first: the target is what equal compute waits for
+        with lock:
+            active[0] -= 1
+            events.append(("end", out.name, steps))
+        if out.name == "explode-seed9":
+            raise RuntimeError("run failed: boom")
+        return {"student_tokens": tokens.get((row, seed), 0), "accuracy_after": 0.5}
+
+    monkeypatch.setattr(reproduce, "run_one", fake_run_one)
+    jobs, follow_up = reproduce.table_jobs(tmp_path, args)
+    assert [j["path"].name for j in jobs] == ["opd-none-seed0", "topd-window-seed0", "opd-none-seed1",
+                                              "topd-window-seed1"]
+    results = reproduce.run_jobs(tmp_path, args, jobs, follow_up)
+    assert max(n for kind, _, n in events if kind == "start") == 2
+    order = [(kind, name) for kind, name, _ in events]
+    for seed, steps in ((0, 25), (1, 14)):  # 10 steps x 250/100 and x 140/100
+        eqc = f"opd_equal_compute-to-topd-window-seed{seed}"
+        assert order.index(("start", eqc)) > max(order.index(("end", f"opd-none-seed{seed}")),
+                                                 order.index(("end", f"topd-window-seed{seed}")))
+        assert ("end", eqc, steps) in events and results[("opd_equal_compute", "-", seed)]["path"].name == eqc
+    # a failure: the run that raised is reported, the job queued behind it never starts
+    events.clear()
+    args = reproduce.parse_args(["--jobs", "1"])
+    bad = [{"key": name, "path": tmp_path / name, "row": "opd", "detector": "-", "seed": 0, "steps": 1}
+           for name in ("explode-seed9", "never-seed0")]
+    with pytest.raises(RuntimeError, match="boom"):
+        reproduce.run_jobs(tmp_path, args, bad)
+    assert [name for kind, name, _ in events if kind == "start"] == ["explode-seed9"]
+
+
+def test_run_one_sets_the_thread_count_and_records_it(tmp_path, monkeypatch, capsys):
+    """Each train.py process gets --threads torch threads through its environment (float sums differ between thread
+    counts, so it is part of what makes a run reproducible) and time.json records it; --jobs / --threads below 1
+    are errors naming the flag; the default shares the machine's cores out."""
+    seen = {}
+
+    def fake_run(cmd, cwd, capture_output, text, env):
+        seen.update(env)
+        out = tmp_path / "run"
+        (out / "results.json").write_text(json.dumps({"config": {"steps": 3}, "accuracy_after": 0.1}))
+        (out / "metrics.jsonl").write_text(json.dumps({"compute/student_tokens": 7}) + "\n")
+        return type("Done", (), {"returncode": 0})()
+
+    monkeypatch.setattr(reproduce.subprocess, "run", fake_run)
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr("toy.train_defaults", lambda world: {"max_new_tokens": 48})
+    args = reproduce.parse_args(["--jobs", "2", "--threads", "3"])
+    res = reproduce.run_one(tmp_path / "world", tmp_path / "run", "opd", "-", 0, args, 3)
+    assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3" and res["student_tokens"] == 7
+    assert json.loads((tmp_path / "run" / "time.json").read_text())["threads"] == 3
+    monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 8)
+    assert reproduce.parse_args(["--jobs", "3"]).threads == 2 and reproduce.parse_args(["--jobs", "16"]).threads == 1
+    for bad in (["--jobs", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(bad)
+        assert bad[0] in capsys.readouterr().err
