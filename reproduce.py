@@ -18,8 +18,9 @@ What this script does, all from the same toy student and teacher:
     non-divergent fraction, precision / recall of "divergent" for real forks), curves.csv (accuracy and teacher
     KL per step and run) and curves.png when matplotlib is installed.
 Every run lives in its own folder under --out; a rerun skips the runs that already finished. --jobs N runs N
-train.py processes at once, each with --threads torch threads (default: the cores shared out, at least 1): on the
-2-core machine the README's long-world numbers come from --jobs 2, i.e. 1 thread per run.
+train.py processes at once, each with --threads torch threads (default: $OMP_NUM_THREADS when set, else the cores
+shared out, at least 1): on the 2-core machine the README's long-world numbers come from --jobs 2, i.e. 1 thread
+per run.
 
 Commands:
     python reproduce.py                 # the full table: 3 seeds x 8 rows on the default world
@@ -338,8 +339,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--equal-compute-to", default="topd:probe", help="the row whose student forward tokens per seed "
                    "opd_equal_compute is given (default topd:probe, the dearest one)")
     p.add_argument("--jobs", type=int, default=1, help="train.py runs at once, each its own process (default 1)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: the machine's cores "
-                   "divided by --jobs, at least 1); results are reproducible for a given thread count")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run (default: $OMP_NUM_THREADS when "
+                   "set, else the machine's cores divided by --jobs, at least 1); results are reproducible for a "
+                   "given thread count")
     p.add_argument("--smoke", action="store_true", help="1 seed, 4 steps, the --fast world: a pipeline check")
     p.add_argument("--sweep", action="store_true", help="the sensitivity sweep (SWEEP) instead of the table")
     p.add_argument("--probe-seeds", type=int, nargs="+", default=None, help="--sweep: run the probe's points only on "
@@ -361,7 +363,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("jobs", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    args.threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    # An OMP_NUM_THREADS the caller set is a choice, not something to override with a computed share
+    env_threads = os.environ.get("OMP_NUM_THREADS", "")
+    args.threads = args.threads or (int(env_threads) if env_threads.isdigit() and int(env_threads) > 0 else
+                                    max(1, (os.cpu_count() or 1) // args.jobs))
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]

@@ -194,7 +194,7 @@ def test_jobs_run_side_by_side_and_equal_compute_waits_for_its_inputs(tmp_path, 
 def test_run_one_sets_the_thread_count_and_records_it(tmp_path, monkeypatch, capsys):
     """Each train.py process gets --threads torch threads through its environment (float sums differ between thread
     counts, so it is part of what makes a run reproducible) and time.json records it; --jobs / --threads below 1
-    are errors naming the flag; the default shares the machine's cores out."""
+    are errors naming the flag; the default is the caller's OMP_NUM_THREADS when set, else the cores shared out."""
     seen = {}
 
     def fake_run(cmd, cwd, capture_output, text, env):
@@ -212,7 +212,11 @@ def test_run_one_sets_the_thread_count_and_records_it(tmp_path, monkeypatch, cap
     assert seen["OMP_NUM_THREADS"] == "3" and seen["MKL_NUM_THREADS"] == "3" and res["student_tokens"] == 7
     assert json.loads((tmp_path / "run" / "time.json").read_text())["threads"] == 3
     monkeypatch.setattr(reproduce.os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert reproduce.parse_args(["--jobs", "3"]).threads == 2 and reproduce.parse_args(["--jobs", "16"]).threads == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the caller's own setting wins over the computed share
+    assert reproduce.parse_args(["--jobs", "1"]).threads == 1
+    assert reproduce.parse_args(["--jobs", "1", "--threads", "4"]).threads == 4
     for bad in (["--jobs", "0"], ["--threads", "0"]):
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
