@@ -121,7 +121,8 @@ def run_jobs(world: Path, args, jobs: list[dict], follow_up=None) -> dict:
     results, t_start = {}, time.time()
 
     def start(job):
-        print(f"[{time.time() - t_start:6.0f}s] start {job['path'].name} ({job['steps']} steps)", flush=True)
+        state = "read (finished)" if (job["path"] / "results.json").exists() else "start"
+        print(f"[{time.time() - t_start:6.0f}s] {state} {job['path'].name} ({job['steps']} steps)", flush=True)
         return {**run_one(world, job["path"], job["row"], job["detector"], job["seed"], args, job["steps"],
                           job.get("flags", ())), "path": job["path"]}
 
