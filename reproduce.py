@@ -76,8 +76,9 @@ def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, st
                *args.train_args, *extra]  # --overwrite: an unfinished run (no results.json) starts again
         if detector != "-":
             cmd += ["--detector", detector]
-        # The thread count is set, not inherited: float sums differ between thread counts, so a run's numbers are
-        # reproducible only with its count, which time.json keeps next to the wall time it explains.
+        # The thread count is always given explicitly (--threads, else the caller's OMP_NUM_THREADS, else a share of
+        # the cores; parse_args): float sums differ between thread counts, so a run's numbers are reproducible only
+        # with its count, which time.json keeps next to the wall time it explains.
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -173,7 +174,8 @@ def table_jobs(out: Path, args) -> tuple[list[dict], Callable[[dict], list[dict]
 
 def sweep_jobs(out: Path, args) -> list[dict]:
     """The sweep's runs in order: per seed, opd (the reference line), then every SWEEP point x detector. Each job is
-    {point: its row of sweep.csv without the accuracy, path, row, detector, seed, flags} for run_one.
+    {point: its row of sweep.csv without the accuracy, path, row, detector, seed, flags, steps, key} for run_jobs
+    (key: the run's folder, so that two points sharing a run share its result).
 
     The probe's points run on --probe-seeds (default: the same seeds) and for --probe-knobs (default: every knob): a
     probe run costs about 2.5x a window run.
