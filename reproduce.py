@@ -156,11 +156,9 @@ def table_jobs(out: Path, args) -> tuple[list[dict], Callable[[dict], list[dict]
     waiting = [seed for seed in args.seeds if ("opd_equal_compute", "-") in rows]
 
     def follow_up(results):
-        ready = [seed for seed in waiting if {("opd", "-", seed), (*args.equal_compute_to, seed)} <= set(results)]
-        for seed in ready:
-            waiting.remove(seed)
         new = []
-        for seed in ready:
+        for seed in [s for s in waiting if {("opd", "-", s), (*args.equal_compute_to, s)} <= set(results)]:
+            waiting.remove(seed)
             target, opd = results[(*args.equal_compute_to, seed)], results[("opd", "-", seed)]
             steps = max(args.steps, round(args.steps * target["student_tokens"] / opd["student_tokens"]))
             path = None

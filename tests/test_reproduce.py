@@ -149,9 +149,9 @@ def test_mean_curve_averages_only_the_steps_every_seed_reached():
     assert reproduce.mean_curve(rows, "accuracy") == ([0, 50], [pytest.approx(0.4), pytest.approx(0.3)])
 
 
-def test_jobs_run_side_by_side_and_equal_compute_waits_for_its_inputs(tmp_path, monkeypatch, capsys):
-    """--jobs 2: never more than two runs at once; a seed's opd_equal_compute starts only after that seed's opd and
-    target runs ended, with steps from their tokens; a failed run cancels the queued ones and raises."""
+def test_jobs_run_side_by_side_and_equal_compute_waits_for_its_inputs(tmp_path, monkeypatch):
+    """--jobs 2: two runs at once, never more; a seed's opd_equal_compute starts only after that seed's opd and
+    target runs ended, with steps from their tokens; after a failed run no queued job starts, and the error is raised."""
     args = reproduce.parse_args(["--seeds", "0", "1", "--steps", "10", "--jobs", "2", "--equal-compute-to",
                                  "topd:window", "--rows", "opd:-", "topd:window", "opd_equal_compute:-"])
     tokens = {("opd", 0): 100, ("topd", 0): 250, ("opd", 1): 100, ("topd", 1): 140}
