@@ -24,7 +24,7 @@ What FSDP asks of the rest of the code, and where it is done:
     gives every rank the same number of batches (eval_aime.evaluate). A rank that skipped one forward would hang
     the job: tests/test_parallel.py runs one rank whose rollouts all stop at their first token beside one whose
     rollouts all run to the cap, in every mode, under a timeout.
-  * The fused head-and-loss (kernels.Head) reads the LM head's weight outside the module's own forward. Under
+  * The fused head-and-loss (fused_kernels.Head) reads the LM head's weight outside the module's own forward. Under
     FSDP2 that attribute is a shard (a DTensor) between forwards; the root module keeps its parameters unsharded
     from its forward until its backward (FSDP2 never reshards the root after forward), so sample.hidden_states_out
     reads the weight AFTER the forward, where it is the full tensor and its gradient reaches FSDP's

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 import parallel
-from kernels import DEFAULT_CHUNK, Head, token_logprobs
+from fused_kernels import DEFAULT_CHUNK, Head, token_logprobs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -286,7 +286,7 @@ def model_step(model, ids, attention_mask, position_ids, cache, logits_to_keep: 
 
 
 def head_of(model, hidden: torch.Tensor) -> Head:
-    """The fused-loss view of a model's next-token logits at `hidden` (the LM head's input): kernels.Head with the
+    """The fused-loss view of a model's next-token logits at `hidden` (the LM head's input): fused_kernels.Head with the
     head's weight (the embedding matrix when tied) and the final logit transform of the model's family.
 
     Families that transform the head's output: Gemma 2/3 soft-cap it (config.final_logit_softcapping), Cohere
@@ -318,7 +318,7 @@ def _full_weight(inner, head_module) -> torch.Tensor:
 def hidden_states_out(model):
     """Within this block, model(...).logits holds the final hidden states (what the LM head would read) instead of
     logits: the head is swapped for an identity and the family's logit transform switched off, so no (B, T, V)
-    tensor is ever computed. Yields head_of(model, .) to turn those hidden states into a kernels.Head. The head's
+    tensor is ever computed. Yields head_of(model, .) to turn those hidden states into a fused_kernels.Head. The head's
     weight is untouched (tied embeddings stay tied) and everything is restored on exit, errors included.
 
     The yielded function reads the head's weight when it is CALLED, i.e. after the forward: under FSDP the root
@@ -463,7 +463,7 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
 # ----------------------------------------------------------------------------------------------------------------
 
 def rollout_stats(ro: Rollouts, learner=None, vocab_size=None, chunk_size: int = DEFAULT_CHUNK) -> dict:
-    """Length, truncation and EOS of the rollouts; with the learner's kernels.Head, the sampler-vs-learner log-prob
+    """Length, truncation and EOS of the rollouts; with the learner's fused_kernels.Head, the sampler-vs-learner log-prob
     gap (trap 14: ~0 unless padding, positions or dtypes differ between sampling and training). Values are
     (numerator, denominator) pairs, as topd.reduce_stats sums them over micro-batches and ranks."""
     n = torch.tensor(float(len(ro.truncated)))
@@ -638,7 +638,7 @@ class Continuations:
 
     ids (N, K, H) long, mask (N, K, H) long (1 up to and including EOS), logprobs (N, K, H) fp32 under the
     sampling distribution (at temperature 1 these are the sampling model's own log-probs: no rescoring needed),
-    head: the sampling model's distribution along its continuation as a kernels.Head over (N, K, H, d) hidden states
+    head: the sampling model's distribution along its continuation as a fused_kernels.Head over (N, K, H, d) hidden states
     when asked for (the guidance windows need the teacher's full distribution there; keeping it saves a second
     teacher forward, and hidden states are V/d times smaller than logits: 60x for Qwen3-4B), else None.
     """

@@ -14,7 +14,7 @@ that right is mostly bookkeeping, and this file keeps the bookkeeping in one pla
     position i predicts token i+1, so response column r (sequence index P+r) is predicted by sequence index
     P+r-1 (trap 1). Only the response positions are kept (`logits_to_keep`), so a long prompt costs nothing.
   * The training path never builds logits at all: `response_head` / `continuation_head` run the same forwards
-    with the LM head switched off (sample.hidden_states_out) and return a kernels.Head over the final hidden states
+    with the LM head switched off (sample.hidden_states_out) and return a fused_kernels.Head over the final hidden states
     (B, R, d); the fused kernels compute fp32 logits chunk by chunk inside the loss (trap 7). For Qwen3-4B at
     8k tokens that is 42 MB of hidden states instead of 2.5 GB of bf16 logits per rollout and model.
   * The teacher runs in eval(), with requires_grad_(False), under torch.no_grad() -- NOT torch.inference_mode():
@@ -39,7 +39,7 @@ import contextlib
 
 import torch
 
-from kernels import DEFAULT_CHUNK, Head, kl_divergence, token_logprobs
+from fused_kernels import DEFAULT_CHUNK, Head, kl_divergence, token_logprobs
 from sample import (Continuations, EncodedPrefixes, Rollouts, SamplingConfig, cache_kwarg, eval_mode,
                     generation_config, hidden_states_out, model_step, position_ids_from_mask, sample_rollouts,
                     stop_token_ids)
@@ -135,7 +135,7 @@ def response_logits(model, rollouts: Rollouts, cache=None) -> torch.Tensor:
 
 
 def response_head(model, rollouts: Rollouts, cache=None) -> Head:
-    """response_logits without the logits: a kernels.Head over the (B, R, d) final hidden states aligned with the
+    """response_logits without the logits: a fused_kernels.Head over the (B, R, d) final hidden states aligned with the
     response ids, for the fused losses (the training path). Same forward, same alignment; the LM head is not run."""
     with hidden_states_out(model) as to_head:
         return to_head(response_logits(model, rollouts, cache))  # "logits" are hidden states inside the block
@@ -146,7 +146,7 @@ def score_rollouts(model, rollouts: Rollouts, estimator: str, *, vocab_size: int
                    chunk_size: int = DEFAULT_CHUNK, cache=None) -> torch.Tensor:
     """What topd.opd_token_loss needs from the teacher.
 
-    estimator "full":    the teacher's distribution at every response position as a kernels.Head (hidden states
+    estimator "full":    the teacher's distribution at every response position as a fused_kernels.Head (hidden states
                          (B, R, d) in the model's dtype: the (B, R, V) logits are never built);
     estimator "sampled": log pi_T(y_t | s_t) of the sampled tokens (B, R) fp32, masked positions set to 0.
     cache: filled with the teacher's keys and values when given (see response_logits).
@@ -178,7 +178,7 @@ def continuation_logits(model, prefixes: EncodedPrefixes, ids: torch.Tensor) -> 
 
 
 def continuation_head(model, prefixes: EncodedPrefixes, ids: torch.Tensor) -> Head:
-    """continuation_logits as a kernels.Head over (N, K, H, d) hidden states (the fused path: no logits)."""
+    """continuation_logits as a fused_kernels.Head over (N, K, H, d) hidden states (the fused path: no logits)."""
     with hidden_states_out(model) as to_head:
         return to_head(continuation_logits(model, prefixes, ids))
 

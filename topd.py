@@ -15,7 +15,7 @@ need guidance over several future tokens, not one. TOPD therefore
 The file reads top-down as the method. Sections 1-5 and "the three modes" are pure tensor functions (tensors in,
 tensors out: the part to check against docs/method.md and to lift into another trainer); "the model side" after
 them asks the models for what the detectors need (continuations, their log-probs, the guidance windows) through
-sample.py and teacher.py; the memory-bounded fp32 kernels live in kernels.py.
+sample.py and teacher.py; the memory-bounded fp32 kernels live in fused_kernels.py.
 
 Map of this file to the method (docs/method.md, same section numbers)  | where it comes from
 -----------------------------------------------------------------------+------------------------------------------
@@ -51,7 +51,7 @@ import torch
 import parallel
 import sample
 import teacher as teacher_lib
-from kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
+from fused_kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
 
 MODES = ("opd", "opd_suppress", "topd")
 
@@ -127,7 +127,7 @@ def opd_token_loss(student_logits: torch.Tensor, ids: torch.Tensor, *, estimator
     """Per-token OPD loss of the sampled response (spec sec. 1).
 
     student_logits: (B, T, V) with grad, aligned with ids (B, T) (logits[:, t] produced ids[:, t]), or a
-    kernels.Head over (B, T, d) hidden states (the fused path that train.py uses; then teacher_logits is one too).
+    fused_kernels.Head over (B, T, d) hidden states (the fused path that train.py uses; then teacher_logits is one too).
     estimator="full":    teacher_logits (B, T, V') required;  l_t = KL(pi_theta(.|s_t) || pi_T(.|s_t)).
     estimator="sampled": teacher_logprobs (B, T) required (log pi_T(y_t|s_t), no grad);
                          l_t = log pi_theta(y_t) - log pi_T(y_t),  surrogate = sg(l_t) * log pi_theta(y_t).
@@ -447,7 +447,7 @@ def reduce_stats(parts: list[dict], all_reduce=None) -> dict[str, float]:
 @dataclass
 class Windows:
     """The guidance windows of sec. 5 at some divergent states: the student's encoded prefixes s_t* (a KV cache, no
-    grad) and the teacher's K continuations of each, with the teacher's distribution along them as a kernels.Head
+    grad) and the teacher's K continuations of each, with the teacher's distribution along them as a fused_kernels.Head
     over its hidden states (the target of L_guide; no (N, K, H, V) logits are kept)."""
     student_prefixes: sample.EncodedPrefixes
     teacher_conts: sample.Continuations
@@ -635,7 +635,7 @@ def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,
 
     The student runs once over the K windows of each state from that state's cached prefix (no grad through the
     prefix: the cost rule), so only the H window tokens carry gradient (teacher.continuation_head). Both sides are
-    kernels.Heads: the fused kernel never builds the (N, K, H, V) logits of either model."""
+    fused_kernels.Heads: the fused kernel never builds the (N, K, H, V) logits of either model."""
     student_head = teacher_lib.continuation_head(student, windows.student_prefixes, windows.teacher_conts.ids)
     return kl_divergence(windows.teacher_conts.head, student_head, vocab_size=vocab_size, chunk_size=chunk_size)
 

@@ -57,7 +57,7 @@ import parallel
 import sample
 import teacher as teacher_lib
 import topd
-from kernels import DEFAULT_CHUNK
+from fused_kernels import DEFAULT_CHUNK
 from parallel import all_reduce, grad_sync
 
 
@@ -365,7 +365,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
     Returns (statistics, the guidance windows found here: a list, empty outside topd mode)."""
     cfg = run.cfg
     teacher_cache = sample.new_cache(run.teacher) if ro.cache is not None else None  # the probe reuses it
-    with clock("teacher"), run.autocast():  # full: a kernels.Head over (b, R, d); sampled: (b, R) log-probs
+    with clock("teacher"), run.autocast():  # full: a fused_kernels.Head over (b, R, d); sampled: (b, R) log-probs
         teacher_out = teacher_lib.score_rollouts(run.teacher, ro, cfg.kl, vocab_size=run.vocab_size,
                                                  chunk_size=cfg.chunk_size, cache=teacher_cache)
     with clock("train"), grad_sync(run.model, sync):

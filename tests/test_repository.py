@@ -1,5 +1,5 @@
 """The repository as a reader meets it: the README's fork example runs as written, the files stand alone, and
-imports run one way (kernels -> sample -> teacher -> topd -> train -> toy / bench / reproduce on top)."""
+imports run one way (fused_kernels -> sample -> teacher -> topd -> train -> toy / bench / reproduce on top)."""
 
 import ast
 import subprocess
@@ -53,7 +53,7 @@ def _imports():
 
 def test_imports_run_one_way():
     graph = _imports()
-    order = ["kernels", "parallel", "sample", "teacher", "topd", "checkpoint", "eval_aime", "toy", "train", "bench",
+    order = ["fused_kernels", "parallel", "sample", "teacher", "topd", "checkpoint", "eval_aime", "toy", "train", "bench",
              "reproduce"]
     rank = {m: i for i, m in enumerate(order)}
     for module, deps in graph.items():
@@ -61,7 +61,7 @@ def test_imports_run_one_way():
             for dep in deps:
                 assert rank[dep] < rank[module], (module, dep)  # strictly downwards: no cycle possible
     assert "train" not in graph["toy"] and "train" not in graph["topd"]
-    for core in ("kernels", "parallel", "sample", "teacher", "topd"):
+    for core in ("fused_kernels", "parallel", "sample", "teacher", "topd"):
         assert not graph[core] & {"train", "toy", "bench", "reproduce"}, core
 
 
@@ -75,3 +75,17 @@ def test_every_test_named_in_the_traps_table_exists():
                for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.FunctionDef)}
     assert len(named) >= 24
     assert sorted(named - defined) == []
+
+
+def test_no_top_level_file_shadows_an_installed_package():
+    """The flat files are importable by their bare names, so a file named like an installed package hides that
+    package from every library that imports it. transformers 5.25 imports the `kernels` package (Hugging Face's hub
+    kernels, one of its requirements) at model load: a top-level kernels.py made every from_pretrained fail with
+    "cannot import name 'CUDAProperties' from 'kernels'". No stem may be the import name of an installed
+    distribution (transformers' own requirements are installed wherever this repository runs)."""
+    import importlib.metadata
+
+    installed = importlib.metadata.packages_distributions()  # import name -> distributions that ship it
+    ours = {p.stem for p in ROOT.glob("*.py")} - {"conftest"}
+    assert "transformers" in installed  # the map is real: the requirement we know is installed is in it
+    assert sorted(ours & set(installed)) == []

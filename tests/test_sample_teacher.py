@@ -5,7 +5,7 @@ import torch
 
 import sample
 import teacher as teacher_mod
-import kernels
+import fused_kernels
 import topd
 from toy import EOS_ID, PAD_ID, build_tokenizer
 
@@ -209,7 +209,7 @@ def test_sampler_logprobs_match_learner_logprobs(saved):
     _, student, tok, _, _ = saved
     ro = _rollouts(student, tok, PROMPTS, max_new=20)
     with torch.no_grad():
-        learner = kernels.token_logprobs(teacher_mod.response_logits(student, ro), ro.response_ids)
+        learner = fused_kernels.token_logprobs(teacher_mod.response_logits(student, ro), ro.response_ids)
     diff = ((learner - ro.logprobs) * ro.response_mask).abs().max()
     assert diff < 1e-4
 
@@ -305,8 +305,8 @@ def test_kv_cache_reuse_matches_reencoding(saved):
             with torch.no_grad():
                 s_full = student(seq).logits[0, len(p) - 1:len(p) - 1 + H]
                 t_full = teacher(seq).logits[0, len(p) - 1:len(p) - 1 + H]
-            s_lp = kernels.token_logprobs(s_full, conts.ids[i, k])
-            t_lp = kernels.token_logprobs(t_full, conts.ids[i, k])
+            s_lp = fused_kernels.token_logprobs(s_full, conts.ids[i, k])
+            t_lp = fused_kernels.token_logprobs(t_full, conts.ids[i, k])
             assert (conts.logprobs[i, k][m] - s_lp[m]).abs().max() < 1e-4
             assert (t_scores[i, k][m] - t_lp[m]).abs().max() < 1e-4
             assert (cached_logits[i, k][m] - s_full[m]).abs().max() < 1e-4

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 import topd
 
 
@@ -66,7 +66,7 @@ def test_per_token_kl_gradcheck_both_inputs():
     s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
     # the kernel computes in fp32 internally, so compare against finite differences at fp32-level tolerance
-    assert torch.autograd.gradcheck(lambda a, b: kernels.kl_divergence(a, b, chunk_size=2), (s, t),
+    assert torch.autograd.gradcheck(lambda a, b: fused_kernels.kl_divergence(a, b, chunk_size=2), (s, t),
                                     eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
@@ -102,12 +102,12 @@ def test_per_token_kl_gradient_finite_when_column_zero_is_minus_inf(side):
     if side in ("teacher", "both"):
         t_val[:, 0] = -math.inf
     s, t = s_val.clone().requires_grad_(True), t_val.clone().requires_grad_(True)
-    kl = kernels.kl_divergence(s, t, chunk_size=1)
+    kl = fused_kernels.kl_divergence(s, t, chunk_size=1)
     kl.sum().backward()
     assert torch.isfinite(kl).all() and torch.isfinite(s.grad).all() and torch.isfinite(t.grad).all()
     s64, t64 = s_val.double().requires_grad_(True), t_val.double().requires_grad_(True)
-    logp = torch.log_softmax(s64, -1).clamp_min(kernels.LOGP_FLOOR)
-    logq = torch.log_softmax(t64, -1).clamp_min(kernels.LOGP_FLOOR)
+    logp = torch.log_softmax(s64, -1).clamp_min(fused_kernels.LOGP_FLOOR)
+    logq = torch.log_softmax(t64, -1).clamp_min(fused_kernels.LOGP_FLOOR)
     ref = (logp.exp() * (logp - logq)).sum(-1)
     ref.sum().backward()
     assert torch.allclose(kl.double(), ref.detach(), rtol=1e-5, atol=1e-5)
@@ -128,7 +128,7 @@ def test_per_token_kl_bf16_inputs_computed_in_fp32():
 
 def test_token_logprobs_hand_case_and_grad():
     logits = torch.tensor([[0.0, 0.0, math.log(2.0)]], requires_grad=True)
-    lp = kernels.token_logprobs(logits, torch.tensor([2]))
+    lp = fused_kernels.token_logprobs(logits, torch.tensor([2]))
     assert lp.item() == pytest.approx(math.log(0.5), abs=1e-6)
     lp.sum().backward()
     # d log softmax(z)_2 / dz = onehot(2) - softmax = [-.25, -.25, .5]
@@ -140,17 +140,17 @@ def test_token_logprobs_matches_reference_and_rejects_out_of_vocab():
     logits = torch.randn(3, 6, 13, generator=g)
     ids = torch.randint(0, 13, (3, 6), generator=g)
     ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
-    assert torch.allclose(kernels.token_logprobs(logits, ids, chunk_size=4).double(), ref, atol=1e-6)
+    assert torch.allclose(fused_kernels.token_logprobs(logits, ids, chunk_size=4).double(), ref, atol=1e-6)
     ids[0, 0] = 12
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        kernels.token_logprobs(logits, ids, vocab_size=5)
+        fused_kernels.token_logprobs(logits, ids, vocab_size=5)
 
 
 def test_token_logprobs_gradcheck():
     g = torch.Generator().manual_seed(8)
     z = torch.randn(3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
     ids = torch.randint(0, 6, (3, 4), generator=g)
-    assert torch.autograd.gradcheck(lambda x: kernels.token_logprobs(x, ids, chunk_size=5), (z,),
+    assert torch.autograd.gradcheck(lambda x: fused_kernels.token_logprobs(x, ids, chunk_size=5), (z,),
                                     eps=1e-3, atol=2e-3, rtol=2e-3)
 
 
@@ -164,7 +164,7 @@ def test_sampled_estimator_is_unbiased_for_the_exact_kl():
     ids = torch.multinomial(torch.softmax(s[0, 0], -1), n, replacement=True, generator=g).view(1, n)
     s_rep, t_rep = s.expand(1, n, 8), t.expand(1, n, 8)
     tl = topd.opd_token_loss(s_rep, ids, estimator="sampled",
-                             teacher_logprobs=kernels.token_logprobs(t_rep, ids))
+                             teacher_logprobs=fused_kernels.token_logprobs(t_rep, ids))
     est = tl.loss.mean().item()
     stderr = tl.loss.std().item() / math.sqrt(n)
     assert abs(est - exact) < 4 * stderr
@@ -205,7 +205,7 @@ def test_both_estimators_report_the_same_student_entropy():
     ids = torch.randint(0, 6, (2, 3), generator=g)
     ids[0, 0] = 1
     full = topd.opd_token_loss(s, ids, estimator="full", teacher_logits=t)
-    sampled = topd.opd_token_loss(s, ids, estimator="sampled", teacher_logprobs=kernels.token_logprobs(t, ids))
+    sampled = topd.opd_token_loss(s, ids, estimator="sampled", teacher_logprobs=fused_kernels.token_logprobs(t, ids))
     logp = torch.log_softmax(s.double(), -1)
     ref = -(logp.exp() * logp.nan_to_num(neginf=0.0)).sum(-1)
     assert sampled.entropy is not None
@@ -233,7 +233,7 @@ def test_masked_positions_contribute_nothing(estimator):
     t = torch.randn(2, 6, 7, generator=g)
     ids = torch.randint(0, 7, (2, 6), generator=g)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
-    tl = topd.opd_token_loss(s, ids, estimator=estimator, teacher_logits=t, teacher_logprobs=kernels.token_logprobs(t, ids))
+    tl = topd.opd_token_loss(s, ids, estimator=estimator, teacher_logits=t, teacher_logprobs=fused_kernels.token_logprobs(t, ids))
     topd.opd_loss(tl.surrogate, mask, None, mask.sum()).backward()
     assert s.grad[0, 3:].abs().max() == 0
     assert s.grad[0, :3].abs().max() > 0
@@ -378,7 +378,7 @@ def test_mode_topd_with_guide_weight_zero_equals_opd_suppress_and_guide_adds_gra
     g = torch.Generator().manual_seed(0)
     teacher_win = torch.randn(2, 2, 4, 9, generator=g)
     student_win = torch.randn(2, 2, 4, 9, generator=g, requires_grad=True)
-    wkl = kernels.kl_divergence(teacher_win, student_win)  # forward KL along the teacher's branch
+    wkl = fused_kernels.kl_divergence(teacher_win, student_win)  # forward KL along the teacher's branch
     wmask = torch.ones(2, 2, 4)
     total = topd.guide_weights(wmask, 1.0).sum()
     zero_guided, _ = topd.topd_objective("topd", tl, mask, mask.sum(), window_kl=wkl, window_mask=wmask,
@@ -417,7 +417,7 @@ def test_micro_batches_with_global_normaliser_give_the_whole_batch_gradient(esti
     mask = torch.zeros(4, 8)
     for b, n in enumerate([8, 2, 5, 1]):
         mask[b, :n] = 1
-    t_lp = kernels.token_logprobs(t, ids)
+    t_lp = fused_kernels.token_logprobs(t, ids)
 
     def grad_of(rows_list, per_micro_normaliser):
         s = s0.clone().requires_grad_(True)

@@ -1,5 +1,5 @@
 """
-kernels.py -- memory-bounded fp32 log-softmax kernels: token log-probs and the exact full-vocabulary KL.
+fused_kernels.py -- memory-bounded fp32 log-softmax kernels: token log-probs and the exact full-vocabulary KL.
 
 Every loss of on-policy distillation is built from two quantities over the vocabulary: the log-probability of one
 token, and the KL between two distributions. Done naively (`log_softmax(logits.float())`) both create fp32 copies
@@ -11,7 +11,7 @@ backward needs from a few numbers saved per position, so the extra memory is O(c
 This is the ground floor of the repository: sample.py, teacher.py and topd.py import it, it imports nothing of
 theirs. It knows nothing about TOPD; topd.py is where the method lives.
 
-    python -c "import torch, kernels; print(kernels.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)))"
+    python -c "import torch, kernels; print(fused_kernels.kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)))"
 """
 
 from __future__ import annotations

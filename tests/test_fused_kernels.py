@@ -1,10 +1,10 @@
-"""The fused head-and-loss kernels (kernels.Head): equal to the unfused path in values and gradients, for every
+"""The fused head-and-loss kernels (fused_kernels.Head): equal to the unfused path in values and gradients, for every
 logit transform a model family applies, and without any (positions, V) logits tensor in the training path."""
 
 import pytest
 import torch
 
-import kernels
+import fused_kernels
 import sample
 import teacher as teacher_mod
 from toy import EOS_ID, PAD_ID
@@ -31,11 +31,11 @@ def test_fused_kl_equals_unfused_in_value_and_gradients(scale, softcap, chunk):
     xs, ws = torch.randn(M, D, generator=g), torch.randn(V + 3, D, generator=g)
     xt, wt = torch.randn(M, D, generator=g), torch.randn(V, D, generator=g)
     a = _leaves(xs, ws, xt, wt)
-    fused = kernels.kl_divergence(kernels.Head(a[0], a[1], scale, softcap), kernels.Head(a[2], a[3], scale, softcap),
+    fused = fused_kernels.kl_divergence(fused_kernels.Head(a[0], a[1], scale, softcap), fused_kernels.Head(a[2], a[3], scale, softcap),
                                   vocab_size=V, chunk_size=chunk)
     (fused * torch.linspace(0.5, 2, M)).sum().backward()
     b = _leaves(xs, ws, xt, wt)
-    ref = kernels.kl_divergence(_unfused(b[0], b[1], V, scale, softcap), _unfused(b[2], b[3], V, scale, softcap))
+    ref = fused_kernels.kl_divergence(_unfused(b[0], b[1], V, scale, softcap), _unfused(b[2], b[3], V, scale, softcap))
     (ref * torch.linspace(0.5, 2, M)).sum().backward()
     assert torch.allclose(fused, ref, atol=1e-5)
     for got, want in zip(a, b):
@@ -49,9 +49,9 @@ def test_fused_token_logprobs_and_entropy_equal_unfused(softcap):
     x, w = torch.randn(M, D, generator=g), torch.randn(V, D, generator=g)
     ids = torch.randint(0, V, (M,), generator=g)
     a, b = _leaves(x, w), _leaves(x, w)
-    lp, ent = kernels.token_logprobs(kernels.Head(a[0], a[1], 1.0, softcap), ids, chunk_size=4, return_entropy=True)
+    lp, ent = fused_kernels.token_logprobs(fused_kernels.Head(a[0], a[1], 1.0, softcap), ids, chunk_size=4, return_entropy=True)
     lp.sum().backward()
-    ref, ref_ent = kernels.token_logprobs(_unfused(b[0], b[1], V, 1.0, softcap), ids, return_entropy=True)
+    ref, ref_ent = fused_kernels.token_logprobs(_unfused(b[0], b[1], V, 1.0, softcap), ids, return_entropy=True)
     ref.sum().backward()
     assert torch.allclose(lp, ref, atol=1e-5) and torch.allclose(ent, ref_ent, atol=1e-5)
     assert torch.allclose(a[0].grad, b[0].grad, atol=1e-5) and torch.allclose(a[1].grad, b[1].grad, atol=1e-5)
@@ -63,9 +63,9 @@ def test_bf16_hidden_states_give_the_fp32_logits_of_those_hidden_states():
     g = torch.Generator().manual_seed(2)
     xs, xt = (torch.randn(M, D, generator=g) * 3).bfloat16(), (torch.randn(M, D, generator=g) * 3).bfloat16()
     ws, wt = torch.randn(V, D, generator=g), torch.randn(V, D, generator=g)
-    fused = kernels.kl_divergence(kernels.Head(xs, ws), kernels.Head(xt, wt))
-    ref = kernels.kl_divergence(_unfused(xs, ws, V), _unfused(xt, wt, V))
-    rounded = kernels.kl_divergence(_unfused(xs, ws, V).bfloat16(), _unfused(xt, wt, V).bfloat16())
+    fused = fused_kernels.kl_divergence(fused_kernels.Head(xs, ws), fused_kernels.Head(xt, wt))
+    ref = fused_kernels.kl_divergence(_unfused(xs, ws, V), _unfused(xt, wt, V))
+    rounded = fused_kernels.kl_divergence(_unfused(xs, ws, V).bfloat16(), _unfused(xt, wt, V).bfloat16())
     assert fused.dtype == torch.float32
     assert torch.allclose(fused, ref, atol=1e-5)
     assert (rounded - ref).abs().max() > 1e-3  # what the fp32 rule avoids: the test can tell the two apart
@@ -73,7 +73,7 @@ def test_bf16_hidden_states_give_the_fp32_logits_of_those_hidden_states():
 
 def test_a_head_and_logits_cannot_be_mixed():
     with pytest.raises(TypeError, match="two Heads"):
-        kernels.kl_divergence(kernels.Head(torch.zeros(2, D), torch.zeros(V, D)), torch.zeros(2, V))
+        fused_kernels.kl_divergence(fused_kernels.Head(torch.zeros(2, D), torch.zeros(V, D)), torch.zeros(2, V))
 
 
 def _tiny(family, **extra):
@@ -110,7 +110,7 @@ def test_response_head_equals_the_models_own_logits_and_gradients(family, extra)
     def grads(use_head):
         model.zero_grad()
         source = teacher_mod.response_head(model, ro) if use_head else teacher_mod.response_logits(model, ro)
-        lp = kernels.token_logprobs(source, ids, chunk_size=3)
+        lp = fused_kernels.token_logprobs(source, ids, chunk_size=3)
         (lp * weights).sum().backward()
         return lp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
