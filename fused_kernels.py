@@ -16,6 +16,7 @@ theirs. It knows nothing about TOPD; topd.py is where the method lives.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +31,26 @@ DEFAULT_CHUNK = 256
 # probability to a token the student likes (a -inf logit, e.g. a masked special token) would otherwise produce
 # inf * 0 = NaN in the loss and the gradient (OPD trap 7). -1e4 nats is "impossible" for every practical purpose.
 LOGP_FLOOR = -1e4
+
+# Rows of a half-precision head weight upcast to fp32 at a time, where no fp32-output matmul of the half-precision
+# operands exists (CPU): 16384 x d x 4 B = 168 MB at Qwen3-4B's d = 2560, instead of a 1.6 GB fp32 copy of the whole
+# (151936, 2560) weight for every chunk of positions.
+VOCAB_BLOCK = 16384
+
+
+def _autocast_off(method):
+    """Runs an autograd Function's forward or backward with autocast switched off on the device of its tensors.
+
+    Under the student's bf16 autocast (train.py on CUDA) autocast would re-cast ops inside the kernels:
+    torch.linalg.vecdot and every matmul are on its low-precision list (on CPU as on CUDA), so sum_v p log p would
+    become a bf16 dot product and the KL a difference of two bf16 sums, and a backward that reads the saved KL would
+    carry that error into the gradient. These kernels decide their own precision (fp32 wherever the method says)."""
+    @functools.wraps(method)
+    def wrapper(ctx, *args):
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return method(ctx, *args)
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,6 +100,7 @@ class _ChunkedKL(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, a, b, chunk_size):
         # a, b: (M, V) logits of any float dtype, already sliced to the shared vocabulary
         M = a.shape[0]
@@ -107,6 +129,7 @@ class _ChunkedKL(torch.autograd.Function):
         return kl, entropy
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_kl, _grad_entropy):
         a, b, kl, lse_a, lse_b, clamped = ctx.saved_tensors
         need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -163,6 +186,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
     """
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, logits, ids, chunk_size, with_entropy):
         # logits: (M, V), ids: (M,) long
         out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)  # (M,)
@@ -180,6 +204,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         return out, entropy
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out, _grad_entropy):
         logits, ids = ctx.saved_tensors
         grad = torch.empty_like(logits)  # (M, V)
@@ -284,8 +309,9 @@ class Head:
 
 def _matmul_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (c, d) @ w (V, d).T in fp32, whatever the operands' dtypes: bf16 logits at |z| of 16-32 are off by 0.125,
-    the size of error the fp32 rule exists to avoid. On CUDA a half-precision matmul can write fp32 directly;
-    elsewhere the operands are upcast (x is one chunk; w is upcast once per chunk, a cost only for bf16 models)."""
+    the size of error the fp32 rule exists to avoid. Never builds an fp32 copy of the whole weight: on CUDA a
+    half-precision matmul writes fp32 directly (exact products, fp32 accumulation); elsewhere the weight is upcast
+    VOCAB_BLOCK rows at a time."""
     with torch.autocast(x.device.type, enabled=False):  # called under the student's bf16 autocast: stay in fp32
         if x.dtype == w.dtype == torch.float32:
             return x @ w.T
@@ -294,7 +320,34 @@ def _matmul_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return torch.mm(x, w.T, out_dtype=torch.float32)
             except (RuntimeError, TypeError):
                 pass
-        return x.float() @ w.float().T
+        x32 = x.float()
+        out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32, device=x.device)  # (c, V)
+        for block in _position_chunks(w.shape[0], VOCAB_BLOCK):  # (c, block) of logits from (block, d) of weight
+            out[:, block] = x32 @ w[block].float().T
+        return out
+
+
+def _matmul_fp32_into(dz: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """out (c, d) = dz (c, V) fp32 @ w (V, d), in fp32, never building an fp32 copy of the whole weight.
+
+    The backward counterpart of _matmul_fp32 (the gradient reaching the hidden states). dz is genuinely fp32, so on
+    CUDA it is split into two bf16 halves, dz = hi + lo with |lo| <= 2^-8 |dz|, and each half meets the bf16 weight
+    in an fp32-output matmul: the result carries dz's precision to ~2^-16 relative, with no weight copy at all.
+    Elsewhere the weight is upcast VOCAB_BLOCK rows at a time and the blocks' products summed."""
+    if w.dtype == torch.float32:
+        torch.mm(dz, w, out=out)
+        return
+    if dz.is_cuda:
+        try:
+            hi = dz.to(w.dtype)
+            lo = (dz - hi.float()).to(w.dtype)
+            out.copy_(torch.mm(hi, w, out_dtype=torch.float32).add_(torch.mm(lo, w, out_dtype=torch.float32)))
+            return
+        except (RuntimeError, TypeError):
+            pass
+    out.zero_()
+    for block in _position_chunks(w.shape[0], VOCAB_BLOCK):  # sum over the vocabulary, one block of rows at a time
+        out.addmm_(dz[:, block], w[block].float())
 
 
 def _head_logits(x, w, width, scale, softcap):
@@ -319,7 +372,7 @@ def _head_backward(dz, pre, x, w, width, scale, softcap, need_x, need_w, grad_x,
     if scale != 1.0:
         dz = dz * scale
     if need_x:
-        torch.mm(dz, w[:width].to(dz.dtype), out=grad_x[rows])  # (c, d), written in place
+        _matmul_fp32_into(dz, w[:width], grad_x[rows])  # (c, d) fp32, written in place
     if need_w:  # (width, d), accumulated in fp32 over chunks IN PLACE: `grad_w += dz.T @ x` would allocate a
         grad_w[:width].addmm_(dz.T, x.to(dz.dtype))  # second (width, d) fp32 tensor per chunk (1.6 GB for Qwen3-4B)
 
@@ -331,6 +384,7 @@ class _HeadKL(torch.autograd.Function):
     side's hidden states and weight. Saved for backward: the inputs themselves and one number per position."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, xa, wa, xb, wb, spec_a, spec_b, width, chunk_size):
         kl = torch.empty(xa.shape[0], dtype=torch.float32, device=xa.device)
         entropy = torch.empty_like(kl)
@@ -346,6 +400,7 @@ class _HeadKL(torch.autograd.Function):
         return kl, entropy
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_kl, _grad_entropy):
         xa, wa, xb, wb, kl = ctx.saved_tensors
         (spec_a, spec_b), width = ctx.specs, ctx.width
@@ -373,6 +428,7 @@ class _HeadTokenLogprob(torch.autograd.Function):
     Backward: d logp(y) / d z_v = 1[v == y] - softmax(z)_v, chained into hidden and weight."""
 
     @staticmethod
+    @_autocast_off
     def forward(ctx, x, w, ids, spec, width, chunk_size, with_entropy):
         out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
         entropy = torch.full_like(out, math.nan)
@@ -387,6 +443,7 @@ class _HeadTokenLogprob(torch.autograd.Function):
         return out, entropy
 
     @staticmethod
+    @_autocast_off
     def backward(ctx, grad_out, _grad_entropy):
         x, w, ids = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]

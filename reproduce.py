@@ -60,6 +60,26 @@ ROW_FLAGS = {"opd": ["--mode", "opd"], "opd_suppress": ["--mode", "opd_suppress"
              "guide_only": ["--mode", "topd", "--suppress-weight", "1"], "opd_equal_compute": ["--mode", "opd"]}
 
 
+# The worlds the tables in docs/results.md were made on, by toy.world_hash (the sha256 of the built weights). A world
+# built on another CPU, torch version or thread count can differ (float sums round differently: the long world rebuilt
+# at another thread count stopped its teacher 250 steps earlier); its numbers are then not the tables' numbers, and
+# every run of this script says so loudly (and in results.md).
+TABLE_WORLDS = {"long": None, "default": None}
+
+
+def world_check(world: Path, kind: str) -> str:
+    """One line on the world's identity: its hash, and a loud WARNING when it is not the world the tables used."""
+    import toy
+
+    found, expected = toy.world_hash(world), TABLE_WORLDS.get(kind)
+    if expected is None or found == expected:
+        return f"World {world} (hash {found}" + (", the tables' world)." if expected else ").")
+    return (f"WARNING: world {world} has hash {found}, not {expected}, the {kind} world the tables in docs/results.md "
+            "were made on (another CPU, torch version or thread count builds another world): these numbers are not "
+            "comparable with the tables' numbers. Build it with 1 thread (OMP_NUM_THREADS=1 python toy.py "
+            f"{'--long' if kind == 'long' else ''}) on torch 2.13 CPU to get that world.")
+
+
 def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, steps: int, extra=()) -> dict:
     """One train.py run in its own folder (skipped when its results.json exists; an error when that run has another
     number of steps). Returns its summary."""
@@ -364,10 +384,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("jobs", "threads"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    import toy
+
     # An OMP_NUM_THREADS the caller set is a choice, not something to override with a computed share
-    env_threads = os.environ.get("OMP_NUM_THREADS", "")
-    args.threads = args.threads or (int(env_threads) if env_threads.isdigit() and int(env_threads) > 0 else
-                                    max(1, (os.cpu_count() or 1) // args.jobs))
+    args.threads = toy.thread_count(args.threads or 0, share=args.jobs)
     if args.smoke:
         args.seeds, args.steps, args.eval_every, args.rollout_batch, args.report_prompts = [0], 4, 2, 16, 32
         args.train_args = args.train_args + ["--eval-limit", "40", "--micro-batch", "16"]
@@ -388,6 +408,8 @@ def main(argv=None):
     world = Path(args.world or (out / "toy-fast" if args.smoke else "runs/toy-long" if args.long else "runs/toy"))
     build = toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig(**toy.LONG) if args.long
                       else toy.ToyConfig())
+    identity = world_check(world, "long" if args.long else "fast" if args.smoke else "default")
+    print(identity, flush=True)
     t_start = time.time()
     if args.sweep:
         return {"sweep": sweep(world, out, args), "minutes_total": (time.time() - t_start) / 60}
@@ -426,6 +448,7 @@ def main(argv=None):
              f"| student before distillation | - | {table[0]['accuracy_before']:.1%} | - | - | - | - |"]
     if args.train_args:
         lines[0] += f" Extra train.py flags: `{' '.join(args.train_args)}`."
+    lines[1:1] = ["", identity]
     for row in table:
         runs = " / ".join(f"{a:.1%}" for a in row["accuracy_runs"])
         steps = "/".join(map(str, sorted(set(row["steps"]))))
@@ -459,6 +482,8 @@ def main(argv=None):
         writer.writerows(rows)
     png = plot(rows, out / "curves.png")
     print("\n".join(lines))
+    if identity.startswith("WARNING"):
+        print("\n" + identity)
     print(f"\nwrote {out}/results.md, results.json, detector.json, curves.csv" + (", curves.png" if png else
           " (no curves.png: pip install matplotlib)") + f" in {(time.time() - t_start) / 60:.1f} min")
     return summary

@@ -97,10 +97,13 @@ def without_checkpointing(model, enabled: bool):
             set_checkpointing(model, True)
 
 
-def make_generator(seed: int, *indices: int, device: str | torch.device = "cpu") -> torch.Generator:
+def make_generator(seed: int, *indices: int, device: str | torch.device) -> torch.Generator:
     """A torch.Generator whose seed is a hash of (seed, *indices), e.g. (seed, step, rank, purpose).
 
     Hashing (rather than seed + rank) keeps streams independent: (seed=1, rank=0) and (seed=0, rank=1) differ.
+    `device` is required, never implicit: a generator draws only for tensors on its own device, so a CPU generator
+    handed to a sampler of CUDA probabilities fails at the first draw of a GPU run, a bug that every CPU test
+    passes. Pass the device of the model that will sample (`next(model.parameters()).device`); _draw checks it.
     """
     digest = hashlib.sha256(repr((seed,) + tuple(int(i) for i in indices)).encode()).digest()
     gen = torch.Generator(device=torch.device(device))
@@ -214,7 +217,8 @@ def step_prompt_indices(num_prompts: int, step: int, global_batch: int, seed: in
     for pos in range(start, start + global_batch):
         epoch, offset = divmod(pos, num_prompts)
         if epoch not in perms:  # one permutation per epoch (a step spans at most two)
-            perms[epoch] = torch.randperm(num_prompts, generator=make_generator(seed, 10**6 + epoch)).tolist()
+            # the data order is host-side bookkeeping: a CPU permutation, the same on every device
+            perms[epoch] = torch.randperm(num_prompts, generator=make_generator(seed, 10**6 + epoch, device="cpu")).tolist()
         out.append(perms[epoch][offset])
     return out
 
@@ -304,8 +308,27 @@ def _logit_transform(inner) -> tuple[float, float | None]:
     return scale, getattr(config, "final_logit_softcapping", None)
 
 
+def check_head(model, name: str = "model") -> None:
+    """Raise ValueError, naming the model, unless its LM head is what fused_kernels.Head computes: logits =
+    transform(hidden @ weight.T). A head with a bias (Phi-2's and GPT-J's `lm_head.bias`) would be silently dropped
+    by every fused loss and by the sampler's fp32 logits, so such a model is refused before any compute (train.py
+    checks both models at start; every Head built from a model checks again)."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{name} ({type(inner).__name__}) has no LM head weight (get_output_embeddings()): the fused "
+                         "head-and-loss path needs one")
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{name} ({type(inner).__name__}) has an LM head bias (lm_head.bias, as Phi-2 and GPT-J do): "
+                         "fused_kernels.Head computes hidden @ weight.T without a bias, so every sampled and scored "
+                         "log-prob would be wrong. Such heads are not supported: use a model without lm_head.bias.")
+
+
 def _full_weight(inner, head_module) -> torch.Tensor:
-    """The LM head's weight as a full tensor; an FSDP shard (a DTensor) here is a bug of the caller."""
+    """The LM head's weight as a full tensor; an FSDP shard (a DTensor) here is a bug of the caller. A head with a
+    bias is refused (check_head)."""
+    if getattr(head_module, "bias", None) is not None:
+        check_head(inner)
     weight = head_module.weight
     if hasattr(weight, "full_tensor"):
         raise RuntimeError(f"the LM head of {type(inner).__name__} is sharded (FSDP) here: read it after a forward "
@@ -365,35 +388,47 @@ def sampling_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 
 
 def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator):
-    """Sample one token per row. Returns (token (N,), its log-prob under the sampled distribution (N,))."""
+    """Sample one token per row from fp32 logits (N, V). Returns (token (N,), its log-prob under the sampled
+    distribution (N,))."""
     z = sampling_logits(logits, cfg)
     if cfg.temperature == 0:  # greedy decoding (evaluation only; not a sample from the policy)
         token = z.argmax(-1)
     else:
+        if generator.device.type != z.device.type:  # torch would fail deep inside multinomial; say what to fix
+            raise ValueError(f"the sampling generator is on {generator.device}, the logits on {z.device}: build it "
+                             "with make_generator(..., device=<the sampling model's device>)")
         token = torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator).squeeze(-1)
     return token, token_logprobs(z, token)
 
 
 @torch.no_grad()
-def _decode(model, cache, first_logits, attention_mask, next_position, num_steps, cfg, generator, eos_ids, pad_id):
+def _decode(model, to_head, cache, first_hidden, attention_mask, next_position, num_steps, cfg, generator, eos_ids,
+            pad_id, keep_hidden: bool = False):
     """KV-cached sampling of up to num_steps tokens after a prefilled cache.
 
-    first_logits (N, V) predict the first new token; attention_mask (N, W) covers what is in the cache;
+    The model runs inside hidden_states_out: its forward returns final hidden states, and each draw uses the fp32
+    logits of to_head(hidden) (fused_kernels.Head: the head's matmul in fp32, the family's logit transform). The
+    sampler's log-probs therefore come from fp32 logits like every score they are compared with (the probe's
+    margins, the sampler-vs-learner check): a bf16 model's own logits would round them by up to ~0.1 nats.
+    first_hidden (N, d) predicts the first new token; attention_mask (N, W) covers what is in the cache;
     next_position (N,) is the position id of the first new token. Returns tokens (N, S), their sampler log-probs
     (N, S), the valid mask (N, S): 1 up to and including the first EOS, 0 after (rows that finished keep being fed
-    `pad_id`, which nothing ever attends to through the mask). S <= num_steps: decoding stops early once every row
-    has ended (with cfg.lockstep: every row of every rank, so that all ranks run the same number of forwards).
+    `pad_id`, which nothing ever attends to through the mask), and (keep_hidden) the S hidden states (N, d) that
+    predicted them, else []. S <= num_steps: decoding stops early once every row has ended (with cfg.lockstep:
+    every row of every rank, so that all ranks run the same number of forwards).
     """
-    eos = torch.as_tensor(eos_ids, device=first_logits.device)
-    done = torch.zeros(first_logits.shape[0], dtype=torch.bool, device=first_logits.device)
-    tokens, logps, valid = [], [], []
-    logits = first_logits
+    eos = torch.as_tensor(eos_ids, device=first_hidden.device)
+    done = torch.zeros(first_hidden.shape[0], dtype=torch.bool, device=first_hidden.device)
+    tokens, logps, valid, kept = [], [], [], []
+    hidden = first_hidden
     finished = False  # every row of THIS rank has ended (under lockstep another rank may still be decoding)
     for step in range(num_steps):
         if finished:  # lockstep only: feed padding, draw nothing, so the random stream is the one without lockstep
             token, logp = torch.full_like(done, pad_id, dtype=torch.long), torch.zeros(done.shape, device=done.device)
         else:
-            token, logp = _draw(logits, cfg, generator)  # (N,), (N,)
+            token, logp = _draw(to_head(hidden).logits(width=cfg.vocab_size), cfg, generator)  # (N,), (N,)
+        if keep_hidden:
+            kept.append(hidden)
         token = torch.where(done, pad_id, token)
         valid.append(~done)  # tokens up to and including the EOS are valid
         tokens.append(token)
@@ -403,9 +438,9 @@ def _decode(model, cache, first_logits, attention_mask, next_position, num_steps
         if step == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep, done.device):
             break  # (under lockstep: one all-reduce of a single flag per token, "is any rank still decoding?")
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
-        logits = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]
+        hidden = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]  # (N, d)
         next_position = next_position + 1
-    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long()
+    return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long(), kept
 
 
 @dataclass
@@ -449,9 +484,10 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
     cache = new_cache(model)
-    last_logits = model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)[:, -1]
-    tokens, logps, valid = _decode(model, cache, last_logits, mask, mask.sum(-1), sampling.max_new_tokens,
-                                      sampling, generator, eos_ids, pad_id)  # (B, R) each
+    with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
+        last = model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)[:, -1]  # (B, d)
+        tokens, logps, valid, _ = _decode(model, to_head, cache, last, mask, mask.sum(-1), sampling.max_new_tokens,
+                                          sampling, generator, eos_ids, pad_id)  # (B, R) each
     eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
                     prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
@@ -664,20 +700,15 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     """
     cache, mask, last, pos = prefixes.repeated(k)  # N*K rows
     mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-    kept = []  # keep_hidden: the LM head's input at every decoding step, (N*K, d) each, read by a forward hook
-    hook = model.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: kept.append(args[0][:, -1])) if keep_hidden else None
-    try:
-        first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, V)
-        tokens, logps, valid = _decode(model, cache, first, mask, pos + 1, horizon, sampling, generator, eos_ids,
-                                       pad_id)
-    finally:
-        if hook is not None:
-            hook.remove()
-    # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
-    # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
-    shape = (len(prefixes), k, tokens.shape[1])
-    head = head_of(model, torch.stack(kept[:shape[2]], 1).view(shape + kept[0].shape[-1:])) if keep_hidden else None
+    with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
+        first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, d)
+        tokens, logps, valid, kept = _decode(model, to_head, cache, first, mask, pos + 1, horizon, sampling, generator,
+                                             eos_ids, pad_id, keep_hidden=keep_hidden)
+        # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
+        # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
+        shape = (len(prefixes), k, tokens.shape[1])
+        # keep_hidden: the LM head's input at every decoding step, (N, K, S, d), as a Head (weight read now)
+        head = to_head(torch.stack(kept, 1).view(shape + kept[0].shape[-1:])) if keep_hidden else None
     return Continuations(ids=tokens.view(shape), mask=valid.view(shape), logprobs=(logps * valid).view(shape),
                          head=head)
 
@@ -707,7 +738,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sampling = SamplingConfig(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-    gen = make_generator(args.seed, 0, 0)
     if args.model is None:
         model, tokenizer, pad, eos = _tiny_random_model(), None, 0, [2]
         prompt_ids = [[1, 10, 11, 12], [1, 20]]
@@ -715,6 +745,7 @@ def main(argv=None):
         model, tokenizer = load_policy(args.model)
         pad, eos = pad_token_id(tokenizer), eos_token_ids(model, tokenizer)
         prompt_ids, n_trunc = encode_prompts(tokenizer, args.prompt or ["1+2=?\n"], chat_template=args.chat_template)
+    gen = make_generator(args.seed, 0, 0, device=next(model.parameters()).device)
     ro = sample_rollouts(model, prompt_ids, sampling=sampling, eos_ids=eos, pad_id=pad, generator=gen)
     print(f"prompt width P={ro.prompt_width}, response columns R={ro.response_ids.shape[1]}")
     for b in range(len(prompt_ids)):

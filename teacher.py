@@ -285,9 +285,9 @@ def main(argv=None):
     sampling = SamplingConfig(max_new_tokens=16, vocab_size=vocab)
     if args.self_check:
         return self_check_on_samples(student, teacher, prompt_ids, sampling=sampling, pad_id=pad, eos_ids=eos,
-                                     generator=make_generator(0, 0, 0))
+                                     generator=make_generator(0, 0, 0, device=next(student.parameters()).device))
     ro = sample_rollouts(student, prompt_ids, sampling=sampling, eos_ids=eos, pad_id=pad,
-                         generator=make_generator(0, 0, 0))
+                         generator=make_generator(0, 0, 0, device=next(student.parameters()).device))
     with torch.no_grad():
         # reverse KL per token, KL(student || teacher): what topd.per_token_kl computes, from the kernel itself
         kl = kl_divergence(response_head(student, ro), score_rollouts(teacher, ro, "full"), vocab_size=vocab)

@@ -500,7 +500,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
                                   horizon=cfg.window_horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
                                   generator=windows_generator or generator,
                                   probe=probe if probe_makes_windows else None,
-                                  teacher_cache=teacher_cache, lockstep=lockstep)
+                                  teacher_cache=teacher_cache, lockstep=lockstep, max_tokens=cfg.probe_tokens)
     return Detection(candidates=candidates, scores=scores, divergent=divergent, windows=windows)
 
 
@@ -523,25 +523,34 @@ def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) ->
     return enc
 
 
-def state_chunks(prefix_lengths: torch.Tensor, k: int, max_tokens: int) -> list[torch.Tensor]:
-    """Consecutive groups of states whose K-fold prefixes hold at most max_tokens cached tokens per model.
+def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int) -> list[torch.Tensor]:
+    """Consecutive groups of states whose KV caches, as they are really laid out, hold at most max_tokens tokens.
 
-    The probe's memory is its KV caches: each continuation needs its own copy of its state's prefix in the batch,
-    so a chunk of states costs k x sum(prefix lengths) cached tokens (per model; 147 KB per token for Qwen3-4B in
-    bf16). At the toy's 30-token prefixes every state of a micro-batch fits in one chunk; at 16k-token prefixes the
-    default (65536) probes one state at a time. A state longer than the budget gets a chunk of its own.
-    Example: lengths [10, 20, 30, 5], k 2, max 100 -> [[0, 1], [2, 3]] (60 tokens, then 70).
+    A chunk of n states is sampled from one cache of n * k rows (each continuation needs its own copy of its state's
+    prefix in the batch), every row padded to the chunk's widest prefix and then extended by the horizon's tokens:
+    n * k * (max width + horizon) cached tokens per model (147 KB per token for Qwen3-4B in bf16). widths (N,) are
+    the states' cached prefix widths (the rollout batch's prompt width + t when cut from its cache). At the toy's
+    30-token prefixes every state of a micro-batch fits in one chunk; at 16k-token prefixes the default (65536)
+    probes one state at a time. A state whose own cache exceeds the budget gets a chunk of its own.
+    Example: widths [10, 20, 30, 5], k 2, horizon 0, max 100 -> [[0, 1], [2], [3]]
+             ([0, 1]: 2 x 2 x 20 = 80; adding 2 would make 3 x 2 x 30 = 180; [2, 3]: 2 x 2 x 30 = 120 > 100).
     """
-    chunks, current, used = [], [], 0
-    for i, n in enumerate(prefix_lengths.tolist()):
-        if current and used + k * n > max_tokens:
+    chunks, current, widest = [], [], 0
+    for i, width in enumerate(widths.tolist()):
+        if current and (len(current) + 1) * k * (max(widest, width) + horizon) > max_tokens:
             chunks.append(current)
-            current, used = [], 0
+            current, widest = [], 0
         current.append(i)
-        used += k * n
+        widest = max(widest, width)
     if current:
         chunks.append(current)
-    return [torch.tensor(c, dtype=torch.long, device=prefix_lengths.device) for c in chunks]
+    return [torch.tensor(c, dtype=torch.long, device=widths.device) for c in chunks]
+
+
+def chunk_count(n: int, lockstep: bool, device) -> int:
+    """How many chunks of states this rank runs: its own n, or under lockstep the busiest rank's (every rank runs the
+    same forwards of a sharded model; a rank with fewer runs a stand-in state, _stand_in_state, and drops it)."""
+    return parallel.max_over_ranks(n, lockstep, device)
 
 
 @torch.no_grad()
@@ -565,9 +574,9 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     probe = Probe(scores=scores)
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
-    chunks = state_chunks(rollouts.prompt_lens[rows] + ts, k, max_tokens) if len(where) else []
+    chunks = state_chunks(rollouts.prompt_width + ts, k, horizon, max_tokens) if len(where) else []
     probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)  # the policies
-    for i in range(parallel.max_over_ranks(len(chunks), lockstep, candidates.device)):
+    for i in range(chunk_count(len(chunks), lockstep, candidates.device)):
         chunk = chunks[i] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), result dropped
         state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
         s_enc = state_prefixes(student, rollouts, state_rows, state_ts, rollouts.cache, pad_id)
@@ -596,13 +605,16 @@ def _stand_in_state(device) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, divergent, *, k: int, horizon: int,
                     pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-                    probe: Probe | None = None, teacher_cache=None, lockstep: bool = False) -> list[Windows]:
+                    probe: Probe | None = None, teacher_cache=None, lockstep: bool = False,
+                    max_tokens: int = 65536) -> list[Windows]:
     """The guidance windows of sec. 5 at the divergent states, as a list of Windows (empty when no state is
-    divergent): one per probe chunk that has a divergent state, or one in all for the window detector.
+    divergent): one per chunk of states (a probe chunk that has a divergent state, or a chunk of the window
+    detector's divergent states).
 
     With the probe detector they exist already (the teacher's probe continuations, hidden states kept): only the
-    divergent states' rows are kept. The window detector samples them now, only at the divergent states (under
-    lockstep, a rank with none samples a stand-in state's windows when another rank has some, and drops them)."""
+    divergent states' rows are kept. The window detector samples them now, only at the divergent states, in chunks of
+    at most max_tokens cached tokens (--probe-tokens, the bound the probe obeys; state_chunks). Under lockstep every
+    rank samples as many chunks as the busiest rank, a rank with fewer running a stand-in state and dropping it."""
     where = torch.nonzero(candidates >= 0)
     is_divergent = divergent[where[:, 0], where[:, 1]]  # (N,) over the states in `where` order
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]
@@ -615,18 +627,21 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
                 windows.append(Windows(teacher_conts=t_conts.select(picked), student_prefixes=state_prefixes(
                     student, rollouts, rows[states], ts[states], rollouts.cache, pad_id)))
         return windows
-    picked = torch.nonzero(is_divergent).squeeze(-1)
-    if not parallel.any_rank(len(picked) > 0, lockstep, candidates.device):
-        return []
-    state_rows, state_ts = (rows[picked], ts[picked]) if len(picked) else _stand_in_state(candidates.device)
-    t_enc = state_prefixes(teacher, rollouts, state_rows, state_ts, teacher_cache, pad_id)
+    picked = torch.nonzero(is_divergent).squeeze(-1)  # the divergent states, in `where` order
+    # in chunks of at most max_tokens cached tokens (state_chunks, --probe-tokens), as the probe's states are
+    chunks = state_chunks(rollouts.prompt_width + ts[picked], k, horizon, max_tokens) if len(picked) else []
     sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)
-    conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=sampling, eos_ids=eos_ids,
-                                        pad_id=pad_id, generator=generator, keep_hidden=True)
-    if len(picked) == 0:  # the stand-in's windows: run for the other ranks' sake only
-        return []
-    return [Windows(student_prefixes=state_prefixes(student, rollouts, rows[picked], ts[picked], rollouts.cache,
-                                                    pad_id), teacher_conts=conts)]
+    windows = []
+    for i in range(chunk_count(len(chunks), lockstep, candidates.device)):
+        chunk = picked[chunks[i]] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), dropped
+        state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
+        t_enc = state_prefixes(teacher, rollouts, state_rows, state_ts, teacher_cache, pad_id)
+        conts = sample.sample_continuations(teacher, t_enc, k, horizon, sampling=sampling, eos_ids=eos_ids,
+                                            pad_id=pad_id, generator=generator, keep_hidden=True)
+        if chunk is not None:
+            windows.append(Windows(teacher_conts=conts, student_prefixes=state_prefixes(
+                student, rollouts, state_rows, state_ts, rollouts.cache, pad_id)))
+    return windows
 
 
 def guidance_kl(student, windows: Windows, *, vocab_size: int | None = None,

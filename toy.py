@@ -539,6 +539,51 @@ def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None):
                                               cfg.student_eval_from, log=log, max_new_tokens=cfg.response_cap))
 
 
+def weights_hash(model) -> str:
+    """sha256 of a model's weights (every tensor of its state dict, by name, in name order, as raw bytes).
+
+    Two builds of one ToyConfig give the same world only if their float sums round alike: the thread count and the
+    CPU change that (a long world rebuilt at another thread count stopped its teacher 250 steps earlier and started
+    its student 0.8 points lower). Results are only comparable between worlds with the same hash."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def world_hash_of(weights_sha256: dict) -> str:
+    """The world's short id: 16 hex digits of the sha256 over the teacher's and the student's weight hashes."""
+    import hashlib
+
+    return hashlib.sha256(f"{weights_sha256['teacher']}:{weights_sha256['student']}".encode()).hexdigest()[:16]
+
+
+def world_hash(world: str | Path) -> str:
+    """The hash of a built world (build.json's world_hash; computed from the saved weights for a world built before
+    the hash was recorded)."""
+    world = Path(world)
+    info = json.loads((world / "build.json").read_text())
+    if "world_hash" in info:
+        return info["world_hash"]
+    from transformers import AutoModelForCausalLM
+
+    return world_hash_of({name: weights_hash(AutoModelForCausalLM.from_pretrained(world / name))
+                          for name in ("teacher", "student")})
+
+
+def thread_count(requested: int = 0, share: int = 1) -> int:
+    """Torch threads for a CPU job: `requested` when > 0, else $OMP_NUM_THREADS when set (a choice the caller made,
+    never overridden), else the machine's cores divided among `share` jobs running side by side (at least 1).
+    The count changes float sums, hence the world a build produces and the numbers a run ends with."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if requested > 0:
+        return requested
+    return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // share)
+
+
 def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print,
           verbose_log=None) -> dict:
     """Build (or reuse) the world in `out`: tokenizer, teacher/, student/, train.jsonl, test.jsonl, build.json.
@@ -567,6 +612,7 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
            for name, m in (("teacher", teacher), ("student", student))}
     info = {"config": asdict(cfg), "accuracy": acc, "student_sft_steps": student_steps,
             "threads": torch.get_num_threads(),
+            "weights_sha256": {name: weights_hash(m) for name, m in (("teacher", teacher), ("student", student))},
             "seconds": {"teacher_sft": round(t1 - t0, 1), "student_sft": round(t2 - t1, 1),
                         "total": round(time.time() - t0, 1)},
             "params": {"teacher": sum(p.numel() for p in teacher.parameters()),
@@ -579,6 +625,7 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
         tokenizer.save_pretrained(tmp / name)
     write_prompts(tmp / "train.jsonl", data.train)
     write_prompts(tmp / "test.jsonl", data.test)
+    info["world_hash"] = world_hash_of(info["weights_sha256"])
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -669,7 +716,7 @@ def labelled_rollouts(world: str | Path = "runs/toy", *, student_path: str | Non
     rows = read_jsonl(world / "test.jsonl")[:num_prompts]
     prompt_ids, _ = sample.encode_prompts(tok, [r["prompt"] for r in rows])
     ro = sample.sample_rollouts(student, prompt_ids, sampling=sample.SamplingConfig(max_new_tokens=max_new_tokens),
-                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0))
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0, device="cpu"))
     loss = topd.per_token_kl(teacher_lib.response_head(student, ro), teacher_lib.score_rollouts(teacher, ro, "full"))
     mask = ro.response_mask.bool()
     labels = []  # (B, R) label strings, "" on masked positions
@@ -735,7 +782,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
                     cands[b, 0] = ts[slot]
             valid = cands[:, 0] >= 0
             w = topd.window_divergence(loss, mask, cands, horizon)[:, 0]
-            p = probe(cands, sample.make_generator(seed, 1, slot))[:, 0]
+            p = probe(cands, sample.make_generator(seed, 1, slot, device="cpu"))[:, 0]
             out["window"] += w[valid].tolist()
             out["probe"] += p[valid].tolist()
         return {k: (sum(v) / len(v) if v else float("nan")) for k, v in out.items()} | {"n": len(out["window"])}
@@ -757,7 +804,7 @@ def detector_report(world: str | Path = "runs/toy", *, student_path: str | None 
         if name == "window":
             d = topd.window_divergence(loss, mask, cands, horizon)
         else:
-            d = probe(cands, sample.make_generator(seed, 2))
+            d = probe(cands, sample.make_generator(seed, 2, device="cpu"))
         div = topd.divergent_mask(d, valid, alpha=div_alpha, threshold=div_threshold)
         tp = int((div & is_fork).sum())
         report["detectors"][name] = {
@@ -814,7 +861,7 @@ def mechanism_page(world: str | Path = "runs/toy", out: str | Path | None = None
     valid = cands >= 0
     scores = {"window": topd.window_divergence(loss, mask, cands, horizon),
               "probe": probe_scores(scored, cands, k=probe_samples, horizon=horizon,
-                                    generator=sample.make_generator(seed, 2))}
+                                    generator=sample.make_generator(seed, 2, device="cpu"))}
     divergent = {name: topd.divergent_mask(d, valid, alpha=div_alpha) for name, d in scores.items()}
     right = {name: 0 for name in scores}
     blocks, pictures = [], []
@@ -913,16 +960,18 @@ def main(argv=None):
                         "kinds of style, where style is ~30%% of the high-loss tokens")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--report", action="store_true", help="detector report on the built student's rollouts")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: $OMP_NUM_THREADS when set, "
+                        "else every core); the count changes the world built, recorded in build.json with its hash")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(thread_count(args.threads))
     if args.fast and args.long:
         parser.error("--fast and --long are two different worlds: give one")
     cfg = ToyConfig(**FAST) if args.fast else ToyConfig(**LONG) if args.long else ToyConfig()
     out = args.out or ("runs/toy-fast" if args.fast else "runs/toy-long" if args.long else "runs/toy")
     info = build(out, cfg, force=args.force, verbose_log=print)
     a = info["accuracy"]
-    print(f"toy world in {out} ({info['seconds']['total']} s to build; params teacher {info['params']['teacher']:,}, "
-          f"student {info['params']['student']:,})")
+    print(f"toy world in {out} ({info['seconds']['total']} s to build at {info.get('threads', '?')} thread(s); params "
+          f"teacher {info['params']['teacher']:,}, student {info['params']['student']:,}; world hash {world_hash(out)})")
     print(f"held-out accuracy ({cfg.num_test_prompts} prompts): teacher {a['teacher']['greedy']:.1%} greedy / "
           f"{a['teacher']['t1']:.1%} at T=1 | student {a['student']['greedy']:.1%} greedy / {a['student']['t1']:.1%} at T=1")
     if args.report:

@@ -286,7 +286,7 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=min(cfg.max_new_tokens, 64),
                                          vocab_size=vocab_size, lockstep=lockstep)
         teacher_lib.self_check_on_samples(student, teacher, prompt_ids[:2], sampling=sampling, pad_id=run.pad_id,
-                                          eos_ids=eos_ids, generator=sample.make_generator(cfg.seed, -1, rank),
+                                          eos_ids=eos_ids, generator=sample.make_generator(cfg.seed, -1, rank, device=device),
                                           chunk_size=cfg.chunk_size, autocast=autocast, log=log)
     log(f"{len(prompts)} prompts ({n_truncated} left-truncated to {cfg.max_prompt_len} tokens), {len(eval_rows)} "
         f"held-out; {world} process(es) on {device_kind}; vocab {vocab_size}")

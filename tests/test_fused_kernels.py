@@ -103,7 +103,7 @@ def test_response_head_equals_the_models_own_logits_and_gradients(family, extra)
     transformed: the same log-probs, and the same gradients for every parameter (embeddings included)."""
     model = _tiny(family, **extra)
     ro = sample.sample_rollouts(model, [[1, 5, 6, 7], [1, 9]], sampling=sample.SamplingConfig(max_new_tokens=6),
-                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0))
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
     ids = ro.response_ids
     weights = torch.linspace(0.5, 1.5, ids.numel()).view(ids.shape) * ro.response_mask
 
@@ -131,7 +131,78 @@ def test_self_check_catches_a_logit_transform_it_does_not_know():
     silently wrong: the start-up self-check compares the fused logits with the model's own and fails."""
     model = _tiny("llama")
     ro = sample.sample_rollouts(model, [[1, 5, 6, 7]], sampling=sample.SamplingConfig(max_new_tokens=6),
-                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0))
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
     model.lm_head.register_forward_hook(lambda m, i, out: out * 3.0)  # an unknown scale after the head
     with pytest.raises(RuntimeError, match="fused"):
         teacher_mod.self_check(model, ro)
+
+
+# ------------------------------------------------------------------------------- precision and memory rules
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kernels_ignore_an_enclosing_autocast(fused):
+    """Under the student's bf16 autocast the kernels still compute in fp32: torch.linalg.vecdot and matmuls are on
+    autocast's low-precision list (CPU and CUDA alike), so without the kernels switching it off the KL would be a
+    difference of two bf16 sums (~1e-2 off here) and every gradient read from it as wrong."""
+    g = torch.Generator().manual_seed(3)
+    xs, ws, xt, wt = (torch.randn(n, D, generator=g) for n in (M, V, M, V))
+    ids = torch.randint(0, V, (M,), generator=g)
+    results = []
+    for autocast in (False, True):
+        a = _leaves(xs, ws, xt, wt)
+        sides = ((fused_kernels.Head(a[0], a[1]), fused_kernels.Head(a[2], a[3])) if fused
+                 else (a[0] @ a[1].T, a[2] @ a[3].T))  # logits built outside autocast: only the kernel is tested
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            kl = fused_kernels.kl_divergence(*sides, chunk_size=4)
+            logp = fused_kernels.token_logprobs(sides[0], ids, chunk_size=4)
+        (kl.sum() + logp.sum()).backward()  # outside autocast, as torch recommends (train.py does the same)
+        results.append((kl.detach(), logp.detach(), [t.grad for t in a]))
+    (kl0, lp0, g0), (kl1, lp1, g1) = results
+    assert kl0.dtype == kl1.dtype == torch.float32
+    assert torch.allclose(kl1, kl0, atol=1e-5, rtol=1e-5) and torch.allclose(lp1, lp0, atol=1e-5, rtol=1e-5)
+    for got, want in zip(g1, g0):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _fp32_storages_at_least(numel: int):
+    """A dispatch mode that records the distinct fp32 storages of at least `numel` elements created by any op (views
+    share their base's storage and count once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= numel:
+                    self.storages.add(t.untyped_storage().data_ptr())
+            return out
+
+    return Record()
+
+
+def test_bf16_head_never_copies_the_whole_weight_to_fp32(monkeypatch):
+    """A bf16 head of (V, d): forward and backward upcast it VOCAB_BLOCK rows at a time, never whole. The one
+    (V, d) fp32 tensor allowed is the weight's own gradient accumulator. (Before, each chunk of positions made a full
+    fp32 copy in forward and in backward: 1.6 GB per chunk for Qwen3-4B's head.) Values and gradients still equal
+    the fp32 reference computed from the same bf16 numbers."""
+    monkeypatch.setattr(fused_kernels, "VOCAB_BLOCK", 7)  # several blocks over the 40 columns
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(M, D, generator=g).bfloat16()
+    w = torch.randn(V, D, generator=g).bfloat16()
+    xt, wt = torch.randn(M, D, generator=g).bfloat16(), torch.randn(V, D, generator=g).bfloat16()
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with _fp32_storages_at_least(V * D) as record:
+        kl = fused_kernels.kl_divergence(fused_kernels.Head(xs, ws), fused_kernels.Head(xt, wt), chunk_size=2)
+        (kl * torch.linspace(0.5, 2, M)).sum().backward()
+    assert len(record.storages) == 1  # the fp32 accumulator of the weight's gradient, nothing else
+    a = _leaves(x.float(), w.float())
+    ref = fused_kernels.kl_divergence(_unfused(a[0], a[1], V), _unfused(xt, wt, V))
+    (ref * torch.linspace(0.5, 2, M)).sum().backward()
+    assert torch.allclose(kl, ref, atol=1e-5)
+    assert torch.allclose(xs.grad.float(), a[0].grad, atol=1e-2, rtol=1e-2)  # bf16 outputs: their own rounding
+    assert torch.allclose(ws.grad.float(), a[1].grad, atol=1e-2, rtol=1e-2)

@@ -39,7 +39,7 @@ def saved(tmp_path_factory):
 def _rollouts(model, tok, prompts, seed=0, max_new=12, **kw):
     ids, _ = sample.encode_prompts(tok, prompts)
     return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=max_new, **kw),
-                                  eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0))
+                                  eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(seed, 0, 0, device="cpu"))
 
 
 PROMPTS = ["15+16-47=?\n", "3+4=?\n", "99-1+12=?\n"]
@@ -115,7 +115,7 @@ def test_generation_config_cannot_override_sampling(tmp_path):
     n = 20000
     prompt = sample.encode_prompts(tok, ["15+16=?\n"])[0][0]
     ro = sample.sample_rollouts(loaded, [prompt] * n, sampling=sample.SamplingConfig(max_new_tokens=1),
-                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 0, 0))
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 0, 0, device="cpu"))
     empirical = torch.bincount(ro.response_ids[:, 0], minlength=25).float() / n
     with torch.no_grad():
         exact = torch.softmax(loaded(torch.tensor([prompt])).logits[0, -1].float(), -1)
@@ -129,7 +129,7 @@ def test_pad_equals_eos_keeps_first_eos_in_mask():
     model = _llama(4, logit_scale=0.01)  # near-uniform over 25 tokens: EOS comes at random times
     ids = [[1, 5, 6]] * 64
     ro = sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=30), eos_ids=[EOS_ID],
-                                pad_id=EOS_ID, generator=sample.make_generator(1, 0, 0))
+                                pad_id=EOS_ID, generator=sample.make_generator(1, 0, 0, device="cpu"))
     resp, mask = ro.response_ids, ro.response_mask
     assert ro.truncated.any() and not ro.truncated.all()
     for b in range(len(ids)):
@@ -143,6 +143,40 @@ def test_pad_equals_eos_keeps_first_eos_in_mask():
     assert torch.equal(ro.attention_mask[:, ro.prompt_width:], mask)
 
 
+def test_a_generator_names_its_device():
+    """Review finding: a CPU generator handed to a sampler of CUDA probabilities crashed the first step of every GPU
+    run (train.py's start-up self-check built one without a device). The device is a required argument now, so no
+    call site can forget it; the draw checks that the generator lives where the probabilities do."""
+    with pytest.raises(TypeError, match="device"):
+        sample.make_generator(0, 1, 2)
+    assert sample.make_generator(0, 1, device="cpu").device.type == "cpu"
+
+
+def test_sampler_logprobs_come_from_fp32_logits_of_a_bf16_model():
+    """The probe's margins subtract the sampler's log-probs from fused fp32 scores, so the sampler's must come from
+    fp32 logits too: the head's matmul in fp32 over the model's (bf16) final hidden states, not the model's own bf16
+    logits, which are rounded by ~2^-8 relative (here ~1e-2 nats on a log-prob). Checked against log_softmax of
+    hidden.float() @ weight.float().T at the very hidden states each token was drawn from."""
+    model = sample._tiny_random_model().to(torch.bfloat16)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)  # logits of a few units, where bf16 rounding shows
+    hiddens = []
+    hook = model.model.norm.register_forward_hook(lambda m, args, out: hiddens.append(out[:, -1]))
+    try:
+        ro = sample.sample_rollouts(model, [[1, 10, 11, 12], [1, 20]], sampling=sample.SamplingConfig(max_new_tokens=6),
+                                    eos_ids=[2], pad_id=0, generator=sample.make_generator(0, device="cpu"))
+    finally:
+        hook.remove()
+    weight, bf16_gap = model.lm_head.weight.detach().float(), 0.0
+    for j in range(ro.response_ids.shape[1]):  # hiddens[j] predicted response token j
+        hidden, token, keep = hiddens[j].detach(), ro.response_ids[:, j:j + 1], ro.response_mask[:, j].bool()
+        want = torch.log_softmax(hidden.float() @ weight.T, -1).gather(-1, token)[:, 0]
+        own = torch.log_softmax((hidden @ model.lm_head.weight.detach().T).float(), -1).gather(-1, token)[:, 0]
+        assert torch.allclose(ro.logprobs[keep, j], want[keep], atol=1e-5)
+        bf16_gap = max(bf16_gap, float((own - want)[keep].abs().max()))
+    assert bf16_gap > 1e-4  # the precondition: the model's own bf16 logits WOULD give other log-probs
+
+
 def test_same_seed_same_rollouts_other_rank_differs(saved):
     _, student, tok, _, _ = saved
     prompt_ids, _ = sample.encode_prompts(tok, PROMPTS)
@@ -150,13 +184,13 @@ def test_same_seed_same_rollouts_other_rank_differs(saved):
 
     def run(seed, step, rank):
         return sample.sample_rollouts(student, prompt_ids, sampling=cfg, eos_ids=[EOS_ID], pad_id=PAD_ID,
-                                      generator=sample.make_generator(seed, step, rank)).ids
+                                      generator=sample.make_generator(seed, step, rank, device="cpu")).ids
 
     a, b, c = run(7, 3, 0), run(7, 3, 0), run(7, 3, 1)
     assert torch.equal(a, b)
     assert a.shape != c.shape or not torch.equal(a, c)
     # hashing, not adding: (seed 1, rank 0) and (seed 0, rank 1) are different streams
-    g1, g2 = sample.make_generator(1, 0, 0), sample.make_generator(0, 0, 1)
+    g1, g2 = sample.make_generator(1, 0, 0, device="cpu"), sample.make_generator(0, 0, 1, device="cpu")
     assert not torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
 
 
@@ -280,7 +314,7 @@ def test_kv_cache_reuse_matches_reencoding(saved):
     H, K = 6, 3
     # greedy continuations from the cache == greedy decoding by re-running the whole sequence each step
     greedy = sample.sample_continuations(student, enc, 1, H, sampling=sample.SamplingConfig(temperature=0.0),
-                                         eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0))
+                                         eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
     for i, p in enumerate(prefixes):
         seq = p.clone()
         with torch.no_grad():
@@ -293,7 +327,7 @@ def test_kv_cache_reuse_matches_reencoding(saved):
     # sampled continuations (T = 1): sampler log-probs, cached scores by the teacher, and the hidden states kept
     # during sampling (as a fused Head) all equal a plain forward over prefix + continuation
     conts = sample.sample_continuations(student, enc, K, H, sampling=sample.SamplingConfig(), eos_ids=[EOS_ID],
-                                        pad_id=PAD_ID, generator=sample.make_generator(1), keep_hidden=True)
+                                        pad_id=PAD_ID, generator=sample.make_generator(1, device="cpu"), keep_hidden=True)
     t_enc = sample.encode_prefixes(teacher, prefixes, PAD_ID)
     t_scores = teacher_mod.score_continuations(teacher, t_enc, conts)
     with torch.no_grad():
@@ -348,7 +382,7 @@ def test_prefixes_cut_from_rollout_caches_equal_fresh_encodings(saved):
     _, student, tok, teacher, _ = saved
     ids, _ = sample.encode_prompts(tok, PROMPTS)
     ro = sample.sample_rollouts(student, ids, sampling=sample.SamplingConfig(max_new_tokens=12), eos_ids=[EOS_ID],
-                                pad_id=PAD_ID, generator=sample.make_generator(3), keep_cache=True)
+                                pad_id=PAD_ID, generator=sample.make_generator(3, device="cpu"), keep_cache=True)
     t_cache = sample.new_cache(teacher)
     teacher_mod.score_rollouts(teacher, ro, "full", cache=t_cache)
     lens = ro.response_mask.sum(-1)
@@ -379,9 +413,14 @@ def test_samplers_never_draw_a_padding_column(monkeypatch):
     sampler (rollouts, probe continuations, evaluation) must give them probability 0."""
     from eval_aime import evaluate
 
+    import fused_kernels
+
     tok = build_tokenizer()
     model = _llama(0, vocab_size=30, logit_scale=1.0)
-    model.lm_head.register_forward_hook(lambda m, i, out: torch.cat([out[..., :25], out[..., 25:] + 50], -1))
+    # samplers draw from the fp32 logits of fused_kernels.Head (the head's matmul in fp32); boost its padding columns
+    logits = fused_kernels.Head.logits
+    monkeypatch.setattr(fused_kernels.Head, "logits", lambda self, rows=slice(None), width=None: torch.cat(
+        [(z := logits(self, rows, width))[..., :25], z[..., 25:] + 50], -1))
     prompts = ["1+2=?\n", "30+4=?\n", "5-1=?\n"]
     unsafe = _rollouts(model, tok, prompts, max_new=8)  # precondition: without the size, padding ids ARE drawn
     assert int(unsafe.response_ids[unsafe.response_mask.bool()].max()) >= 25
@@ -389,7 +428,7 @@ def test_samplers_never_draw_a_padding_column(monkeypatch):
     assert int(ro.response_ids.max()) < 25
     enc = sample.encode_prefixes(model, [ro.prefix(0, 2), ro.prefix(1, 1)], PAD_ID)
     conts = sample.sample_continuations(model, enc, 3, 6, sampling=sample.SamplingConfig(vocab_size=len(tok)),
-                                        eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 5))
+                                        eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, 5, device="cpu"))
     assert int(conts.ids.max()) < 25
     # evaluation takes the size from the tokenizer itself (its caller passes no vocab_size)
     drawn, real = [], sample.sample_rollouts
@@ -500,7 +539,7 @@ def test_models_whose_cache_cannot_be_cut_are_refused_by_name():
     with pytest.raises(ValueError, match="'linear_attention'"):
         sample.check_prefix_cache(hybrid)
     ro = sample.sample_rollouts(hybrid, [[1, 5, 6], [1, 7]], sampling=sample.SamplingConfig(max_new_tokens=4),
-                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0), keep_cache=True)
+                                eos_ids=[EOS_ID], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"), keep_cache=True)
     with pytest.raises(ValueError, match="LinearAttention"):
         sample.prefixes_from_cache(ro.cache, ro, torch.tensor([0]), torch.tensor([2]))
     sample.check_prefix_cache(_llama(0))  # attention-only models pass
@@ -508,13 +547,46 @@ def test_models_whose_cache_cannot_be_cut_are_refused_by_name():
 
 # ------------------------------------------------------------------------------- the probe's memory bound
 
-def test_state_chunks_bound_the_cached_tokens():
-    lengths = torch.tensor([10, 20, 30, 5, 500, 1])
-    chunks = topd.state_chunks(lengths, 2, 100)
-    assert [c.tolist() for c in chunks] == [[0, 1], [2, 3], [4], [5]]  # 60, 70, 1000 (alone: too long), 2
+def test_state_chunks_bound_the_cached_tokens_as_laid_out():
+    """A chunk's cache is n states x k copies, each padded to the chunk's WIDEST prefix and extended by the horizon:
+    that product, not the sum of the prefix lengths, must stay within the budget (the sum undercounts whenever the
+    widths differ: [5, 30] would count 2 x 35 = 70 but lay out 2 x 2 x 30 = 120)."""
+    widths = torch.tensor([10, 20, 30, 5, 500, 1])
+    chunks = topd.state_chunks(widths, 2, 0, 100)
+    assert [c.tolist() for c in chunks] == [[0, 1], [2], [3], [4], [5]]  # 80, 60 ([2, 3] would lay out 120), 20, ...
     assert torch.cat(chunks).tolist() == list(range(6))
-    for c in chunks:
-        assert 2 * int(lengths[c].sum()) <= 100 or len(c) == 1
+    for horizon in (0, 7):
+        for c in topd.state_chunks(widths, 2, horizon, 100):
+            assert len(c) * 2 * (int(widths[c].max()) + horizon) <= 100 or len(c) == 1
+    assert [c.tolist() for c in topd.state_chunks(torch.tensor([5, 5, 5]), 2, 20, 100)] == [[0, 1], [2]]  # 2x2x25
+
+
+def test_window_detector_samples_its_windows_within_the_probe_token_bound(saved, monkeypatch):
+    """--detector window samples the guidance windows at the divergent states in chunks whose caches, as laid out
+    (rows x padded width, continuations included), hold at most --probe-tokens tokens: the bound the probe obeys.
+    (Before, every divergent state of a micro-batch was sampled in one batch whatever the bound.)"""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS, max_new=12)
+    loss = torch.rand(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)) * ro.response_mask
+    cands = topd.select_candidates(loss, ro.response_mask, 3, 2)
+    divergent = cands >= 0  # every candidate divergent: the most windows
+    k, horizon = 2, 4
+    budget = k * (ro.prompt_width + int(cands.max()) + horizon) * 2  # room for about two states per chunk
+    laid_out = []
+    real = sample.sample_continuations
+
+    def spy(model, prefixes, k, horizon, **kw):
+        laid_out.append(len(prefixes) * k * (prefixes.attention_mask.shape[1] + horizon))  # rows x (width + H)
+        return real(model, prefixes, k, horizon, **kw)
+
+    monkeypatch.setattr(sample, "sample_continuations", spy)
+    windows = topd.teacher_windows(student, teacher, ro, cands, divergent, k=k, horizon=horizon, pad_id=PAD_ID,
+                                   eos_ids=[EOS_ID], vocab_size=25, generator=sample.make_generator(1, device="cpu"),
+                                   max_tokens=budget)
+    n_states = int(divergent.sum())
+    assert n_states > 3 and len(laid_out) == len(windows) > 1  # several chunks, one sampling call each
+    assert max(laid_out) <= budget
+    assert sum(len(w.student_prefixes) for w in windows) == n_states  # no state lost
 
 
 def test_probe_in_chunks_keeps_every_state_and_only_divergent_windows(saved):
@@ -526,13 +598,13 @@ def test_probe_in_chunks_keeps_every_state_and_only_divergent_windows(saved):
     cands = topd.select_candidates(loss, ro.response_mask, 3, 2)
     n_states = int((cands >= 0).sum())
     probe = topd.probe_divergence(student, teacher, ro, cands, k=2, horizon=4, pad_id=PAD_ID, eos_ids=[EOS_ID],
-                                  vocab_size=25, generator=sample.make_generator(0), keep_teacher_windows=True,
+                                  vocab_size=25, generator=sample.make_generator(0, device="cpu"), keep_teacher_windows=True,
                                   max_tokens=1)
     assert len(probe.chunks) == n_states and n_states > 2
     assert (probe.scores[cands >= 0] > 0).all() and (probe.scores[cands < 0] == 0).all()
     divergent = topd.divergent_mask(probe.scores, cands >= 0, alpha=0.0)
     windows = topd.teacher_windows(student, teacher, ro, cands, divergent, k=2, horizon=4, pad_id=PAD_ID,
-                                   eos_ids=[EOS_ID], vocab_size=25, generator=sample.make_generator(1), probe=probe)
+                                   eos_ids=[EOS_ID], vocab_size=25, generator=sample.make_generator(1, device="cpu"), probe=probe)
     assert sum(len(w.student_prefixes) for w in windows) == int(divergent.sum()) > 0
     for w in windows:
         assert w.teacher_conts.head.hidden.shape[-1] == teacher.config.hidden_size  # hidden states, not logits
@@ -558,7 +630,7 @@ def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector)
                               horizon=6, guide_horizon=guide_horizon, div_alpha=0.0)
         # no EOS: every continuation runs its full length, so the lengths below are the horizons themselves
         return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
-                           vocab_size=25, generator=sample.make_generator(0))
+                           vocab_size=25, generator=sample.make_generator(0, device="cpu"))
 
     same, explicit, short = run(0), run(6), run(3)
     assert int(same.divergent.sum()) > 0
