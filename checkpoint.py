@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 import parallel
 
@@ -100,6 +99,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     if sharded:
         parallel.save_optimizer(model, optimizer, tmp / "optimizer")
     weights = parallel.full_state_dict(model)  # a collective under FSDP; rank 0 gets the whole model, on the CPU
+    rng = parallel.all_gather_objects(rng_state())  # every rank's own RNG states (a collective), kept by rank 0
     if rank != 0:
         _barrier()  # wait until rank 0 has switched `latest`
         return final
@@ -107,8 +107,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
     tokenizer.save_pretrained(tmp)
     torch.save({"optimizer": None if sharded else optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "step": step,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng": rng,  # one entry per rank, in rank order (rng_state)
                 "bad_steps": extra.get("bad_steps", 0)}, tmp / "trainer_state.pt")
     (tmp / "meta.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg), **extra}, indent=2))
     if final.exists():
@@ -126,8 +125,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, optimizer, scheduler
 
 
 def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    parallel.barrier()
 
 
 def checkpoint_run_id(path: Path) -> str | None:
@@ -161,7 +159,7 @@ def resume_point(out: Path, cfg) -> tuple[Path, dict]:
     return path, meta
 
 
-def restore_trainer_state(path: Path, model, optimizer, scheduler, device) -> dict:
+def restore_trainer_state(path: Path, model, optimizer, scheduler, device, rank: int = 0) -> dict:
     """Load checkpoint `path`'s optimizer, scheduler and RNG states in place; returns trainer_state.pt (its step,
     bad_steps, ...). The weights themselves are the HF folder, loaded like any checkpoint."""
     state = torch.load(path / "trainer_state.pt", map_location=device, weights_only=False)
@@ -170,7 +168,7 @@ def restore_trainer_state(path: Path, model, optimizer, scheduler, device) -> di
     else:
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    restore_rng(state)
+    restore_rng(state, rank)
     return state
 
 
@@ -247,23 +245,32 @@ def step_line(m: dict, total_steps: int) -> str:
                    f"{m['time/step'] * 1000:.0f}ms")
 
 
-def restore_rng(state: dict) -> None:
-    """The global RNG states saved with a checkpoint: CPU always, CUDA when both the checkpoint and this machine
-    have it (sampling itself uses seeded generators, but dropout and any library code use the global ones)."""
-    torch.set_rng_state(state["torch_rng"].cpu())
-    if state.get("cuda_rng") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+def rng_state() -> dict:
+    """This process's global RNG states: the CPU generator's, and the current CUDA device's when there is one.
+    (Sampling uses seeded generators of its own; dropout and library code use these.)"""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict, rank: int = 0, warn=print) -> None:
+    """Give rank `rank` back the global RNG states IT had when the checkpoint was saved (trainer_state.pt's "rng",
+    one entry per rank): each rank's own, not rank 0's on every rank, and only its own CUDA device's, so a run
+    resumed on fewer GPUs than it was saved from restores as well. A rank the checkpoint did not have (the run now
+    has more processes) keeps its fresh state. Checkpoints from before per-rank states hold rank 0's CPU state."""
+    states = state.get("rng") or [{"torch": state["torch_rng"], "cuda": None}]
+    if rank >= len(states):
+        warn(f"rank {rank}: the checkpoint holds the RNG states of {len(states)} rank(s); this rank keeps its own")
+        return
+    mine = states[rank]
+    torch.set_rng_state(mine["torch"].cpu())
+    if mine.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(mine["cuda"].cpu())
 
 
 def all_gather_checksum(model, world: int) -> list[float]:
     """Sum of all parameters on every rank: DDP ranks must hold identical weights; a mismatch is a desync bug."""
-    local = torch.tensor([sum(float(p.detach().double().sum()) for p in model.parameters())], dtype=torch.float64,
-                         device=next(model.parameters()).device)
-    if world == 1:
-        return [float(local)]
-    gathered = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    sums = [float(g) for g in gathered]
+    local = sum(float(p.detach().double().sum()) for p in model.parameters())
+    sums = [values[0] for values in parallel.all_gather_numbers([local])] if world > 1 else [local]
     if len(set(sums)) != 1:
         raise RuntimeError(f"ranks hold different weights (parameter sums {sums}): DDP desynchronised")
     return sums

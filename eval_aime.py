@@ -46,6 +46,7 @@ Try it (CPU, no model needed)
     python -m pytest tests/test_eval_aime.py -q
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -421,18 +422,27 @@ def build_prompt(problem: str, instruction: bool) -> str:
 
 
 def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=None, seed: int = 0,
-             batch_size: int = 64, instruction: bool = True, chat_template: bool = True,
-             enable_thinking: bool | None = None, integer_range=(0, 999), max_prompt_len: int | None = None,
-             rank: int = 0, world: int = 1, progress: bool = False):
+             batch_size: int = 64, batch_tokens: int | None = None, instruction: bool = True,
+             chat_template: bool = True, enable_thinking: bool | None = None, integer_range=(0, 999),
+             max_prompt_len: int | None = None, rank: int = 0, world: int = 1, progress: bool = False,
+             autocast=contextlib.nullcontext, log=None):
     """Sample k completions per problem and grade them. Returns (summary, records).
 
-    The (problem, sample) pairs are laid out problem-major and split into batches; batch i is sampled with the
-    generator make_generator(seed, i), so results do not depend on how many processes share the work
-    (rank r of `world` takes batches r, r + world, ...; the caller sums the records of all ranks).
-    records: one dict per generation {id, sample, answer, extracted, correct, truncated, tokens, response}.
-    summary: avg@k, pass@k (unbiased, for every power of two <= k and k itself), per-problem correct counts,
-    truncated fraction and mean response length; see summarize().
+    The (problem, sample) pairs are laid out problem-major and dealt to the ranks in turn (rank r of `world` takes
+    pairs r, r + world, ...: every rank has work, at most one pair more than another), then each rank decodes its
+    share in batches of batch_size rows, or, with batch_tokens, of as many rows as fit in that many KV-cached tokens
+    (rows x (longest prompt + max_new_tokens): the memory a batch really takes, whatever the lengths). Every rank runs
+    the same number of batches; under a sharded model (sampling.lockstep) a rank whose share ran out runs a stand-in
+    batch, not recorded, to join the others' collectives. Batch b of rank r samples with make_generator(seed, r, b):
+    greedy results do not depend on the number of processes, sampled ones do (as any batch split would).
+    autocast: the context manager the generation runs under (train.py passes its bf16 autocast on CUDA).
+    log: called with one line per batch ("eval batch i/n ...") when given, so a long evaluation is never silent.
+    records: one dict per generation {id, sample, answer, extracted, correct, truncated, tokens, response}; the caller
+    merges the records of all ranks. summary: avg@k, pass@k (unbiased, for every power of two <= k and k itself),
+    per-problem correct counts, truncated fraction and mean response length; see summarize().
     """
+    import time
+
     from sample import SamplingConfig, encode_prompts, eos_token_ids, make_generator, pad_token_id, sample_rollouts
 
     sampling = sampling or SamplingConfig(temperature=0.6, top_p=0.95, max_new_tokens=32768)
@@ -443,22 +453,27 @@ def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=Non
     prompt_ids, _ = encode_prompts(tokenizer, texts, chat_template=chat, max_prompt_len=max_prompt_len,
                                    enable_thinking=enable_thinking)
     jobs = [(i, s) for i in range(len(problems)) for s in range(k)]  # (problem index, sample index)
+    if batch_tokens:  # the longest row of ANY rank: every rank computes the same batch size
+        batch_size = max(1, batch_tokens // (max(map(len, prompt_ids)) + sampling.max_new_tokens))
+    mine = jobs[rank::world]
+    batches = [mine[j:j + batch_size] for j in range(0, len(mine), batch_size)]
+    most = math.ceil(math.ceil(len(jobs) / world) / batch_size)  # rank 0's count, the largest
+    if sampling.lockstep:
+        batches += [[]] * (most - len(batches))  # stand-in batches: this rank's share ran out before the others'
     eos, pad = eos_token_ids(model, tokenizer), pad_token_id(tokenizer)
-    batches = [jobs[j:j + batch_size] for j in range(0, len(jobs), batch_size)]
-    mine = list(range(rank, len(batches), world))
-    if sampling.lockstep:  # a sharded model (FSDP): every rank runs as many batches as rank 0, the extra one (a
-        # repeat of batch 0, not recorded) only to join the other ranks' collectives
-        mine += [-1] * (len(range(0, len(batches), world)) - len(mine))
+    device = next(model.parameters()).device
+    order = range(len(batches))
     if progress:
         from tqdm import tqdm
-        mine = tqdm(mine, desc="eval", unit="batch")
-    records = []
+        order = tqdm(order, desc="eval", unit="batch")
+    records, t0 = [], time.time()
     model.eval()
-    for b in mine:
-        batch = batches[max(b, 0)]
-        ro = sample_rollouts(model, [prompt_ids[i] for i, _ in batch], sampling=sampling, eos_ids=eos, pad_id=pad,
-                             generator=make_generator(seed, b, device=next(model.parameters()).device))
-        for row, (i, s) in enumerate(batch if b >= 0 else []):
+    for b in order:
+        batch = batches[b] or jobs[:1]  # an empty batch: the stand-in (lockstep only), not recorded
+        with autocast():
+            ro = sample_rollouts(model, [prompt_ids[i] for i, _ in batch], sampling=sampling, eos_ids=eos,
+                                 pad_id=pad, generator=make_generator(seed, rank, b, device=device))
+        for row, (i, s) in enumerate(batches[b]):
             ids = ro.response_ids[row][ro.response_mask[row].bool()]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             extracted = extract_answer(text)
@@ -466,23 +481,29 @@ def evaluate(model, tokenizer, problems: list[dict], *, k: int = 1, sampling=Non
                             "extracted": extracted, "correct": is_correct(extracted, problems[i]["answer"],
                                                                           integer_range),
                             "truncated": bool(ro.truncated[row]), "tokens": int(ids.numel()), "response": text})
+        if log is not None:
+            log(f"eval batch {b + 1}/{len(batches)}: {len(batches[b])} rows, {ro.response_ids.shape[1]} tokens, "
+                f"{time.time() - t0:.0f} s")
     return summarize(records, [p["id"] for p in problems], k), records
 
 
 def held_out_accuracy(model, tokenizer, problems: list[dict], *, sampling, seed: int = 0, instruction: bool = True,
                       chat_template: bool = True, enable_thinking: bool | None = None, integer_range=(0, 999),
-                      max_prompt_len: int | None = None, rank: int = 0, world: int = 1) -> float:
+                      max_prompt_len: int | None = None, rank: int = 0, world: int = 1,
+                      batch_tokens: int = 65536, autocast=contextlib.nullcontext, log=None) -> float:
     """train.py's held-out accuracy: one sample per problem (greedy at temperature 0) through evaluate, the one
-    grading path, with the problems sharded over `world` ranks and the counts summed over them."""
+    grading path, with the problems dealt to the `world` ranks and the counts summed over them (parallel.all_reduce
+    runs the sum on the process group's own device)."""
     import torch
 
     from parallel import all_reduce
     from sample import eval_mode
 
     with eval_mode(model):  # evaluate leaves the model in eval(); a student in training goes back to train()
-        _, records = evaluate(model, tokenizer, problems, k=1, sampling=sampling, seed=seed, batch_size=250,
+        _, records = evaluate(model, tokenizer, problems, k=1, sampling=sampling, seed=seed, batch_tokens=batch_tokens,
                               instruction=instruction, chat_template=chat_template, enable_thinking=enable_thinking,
-                              integer_range=integer_range, max_prompt_len=max_prompt_len, rank=rank, world=world)
+                              integer_range=integer_range, max_prompt_len=max_prompt_len, rank=rank, world=world,
+                              autocast=autocast, log=log)
     counts = torch.tensor([sum(r["correct"] for r in records), len(records)], dtype=torch.float64)
     all_reduce(counts)
     return float(counts[0] / counts[1])
@@ -521,6 +542,8 @@ def main(argv=None):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=32768)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-tokens", type=int, default=None, help="rows per batch from a budget of KV-cached tokens, "
+                   "rows x (longest prompt + max new tokens); overrides --batch-size")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="repeat the whole run per seed: mean, std")
     p.add_argument("--no-chat-template", action="store_true", help="feed the raw prompt text")
     p.add_argument("--no-instruction", action="store_true", help="do not append the boxed-answer instruction")
@@ -550,7 +573,8 @@ def main(argv=None):
     runs, all_records = [], []
     for seed in args.seeds:
         summary, records = evaluate(model, tokenizer, problems, k=args.k, sampling=sampling, seed=seed,
-                                    batch_size=args.batch_size, instruction=not args.no_instruction,
+                                    batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                                    instruction=not args.no_instruction,
                                     chat_template=not args.no_chat_template,
                                     enable_thinking=None if args.enable_thinking is None else args.enable_thinking == "true",
                                     integer_range=None if args.no_range else (0, 999),

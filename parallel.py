@@ -44,6 +44,7 @@ optimizer state (MixedPrecisionPolicy); on CPU everything is fp32.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -56,33 +57,104 @@ LAYOUTS = ("ddp", "fsdp")
 # Process group and collectives (the same calls work with 1 process: they do nothing)
 # ----------------------------------------------------------------------------------------------------------------
 
-def dist_init(device_kind: str):
-    """(rank, world, local_rank). torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world 1."""
+def dist_init(device_kind: str, timeout_minutes: float = 60.0):
+    """(rank, world, local_rank). torchrun sets RANK/WORLD_SIZE; a plain `python train.py` is world 1.
+
+    timeout_minutes: how long a collective may wait for the slowest rank before the job is aborted (train.py
+    --dist-timeout). NCCL's default of 10 minutes kills a run whose ranks wait at a collective while one of them
+    still decodes a long evaluation batch or saves a large checkpoint."""
     if "RANK" not in os.environ:
         return 0, 1, 0
-    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_kind == "cuda":
+        torch.cuda.set_device(local_rank)  # before the group exists: NCCL binds each rank to its current device
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def comm_device() -> torch.device:
+    """The device the process group's collectives take their tensors on.
+
+    NCCL serves CUDA tensors only (torch.distributed.Backend.backend_capability["nccl"] == ["cuda"]): a CPU tensor
+    handed to it fails at the collective. Gloo serves CPU tensors. Every collective of this repository goes through
+    the helpers below, which move their tensor here and back (tests/test_parallel.py checks that no other file calls
+    a collective itself): a caller never has to know the backend. No process group: the CPU."""
+    if not dist.is_initialized():
+        return torch.device("cpu")
+    group = dist.distributed_c10d._get_default_group()
+    types = {d.type for d in getattr(group, "_device_types", [])} or set(
+        dist.Backend.backend_capability.get(str(dist.get_backend()).split(":")[-1], ["cpu"]))
+    if "cpu" in types:
+        return torch.device("cpu")
+    kind = sorted(types)[0]  # a backend for accelerators only (NCCL: cuda)
+    return torch.device(kind, getattr(torch, kind).current_device())
+
+
+def _on_comm_device(x: torch.Tensor) -> torch.Tensor:
+    device = comm_device()
+    return x if x.device == device else x.to(device)
 
 
 def all_reduce(x: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce (SUM by default) when a process group exists; x itself otherwise."""
+    """x reduced over ranks (SUM by default), in place and returned, on x's own device; the collective itself runs on
+    comm_device(). x itself when no process group exists."""
     if dist.is_initialized():
-        dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
+        y = _on_comm_device(x)
+        dist.all_reduce(y, op=op or dist.ReduceOp.SUM)
+        if y is not x:
+            x.copy_(y)
     return x
 
 
-def any_rank(flag: bool, lockstep: bool, device) -> bool:
+def all_gather_numbers(values: list[float]) -> list[list[float]]:
+    """Every rank's list of floats (the same length on every rank), in rank order, as float64."""
+    local = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    if not dist.is_initialized():
+        return [local.tolist()]
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [g.tolist() for g in gathered]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order ([obj] without a process group). torch sends the pickled bytes on
+    the group's device itself (NCCL: the current CUDA device, set in dist_init)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """x overwritten in place with rank src's x, on x's own device (the collective runs on comm_device())."""
+    if dist.is_initialized():
+        y = _on_comm_device(x)
+        dist.broadcast(y, src=src)
+        if y is not x:
+            x.copy_(y)
+    return x
+
+
+def barrier() -> None:
+    """Every rank waits until all have arrived (nothing without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool, lockstep: bool) -> bool:
     """flag OR-ed over all ranks when the models are sharded (lockstep), else flag: "is any rank still busy?"."""
     if not (lockstep and dist.is_initialized()):
         return flag
-    return bool(all_reduce(torch.tensor([int(flag)], device=device), dist.ReduceOp.MAX))
+    return bool(all_reduce(torch.tensor([int(flag)], device=comm_device()), dist.ReduceOp.MAX))
 
 
-def max_over_ranks(n: int, lockstep: bool, device) -> int:
+def max_over_ranks(n: int, lockstep: bool) -> int:
     """The largest n of any rank under lockstep (how many forwards everyone must run), else n."""
     if not (lockstep and dist.is_initialized()):
         return n
-    return int(all_reduce(torch.tensor([n], device=device), dist.ReduceOp.MAX))
+    return int(all_reduce(torch.tensor([n], device=comm_device()), dist.ReduceOp.MAX))
 
 
 def is_sharded(model) -> bool:
@@ -122,51 +194,100 @@ def decoder_layers(model) -> list[torch.nn.Module]:
     return list(layers)
 
 
-def wrap_student(model, layout: str, device_kind: str, local_rank: int = 0):
-    """The module the loss goes through: DDP(model), the model sharded in place by FSDP2, or the model itself
-    (1 process). Sampling, probing and saving use the same object under FSDP (the sharded module is the model)."""
-    if not dist.is_initialized():
-        return model
-    if layout == "ddp":
-        # No buffer sync in forward: LLMs have no buffers that need it (rotary tables are recomputed identically on
-        # every rank), and a broadcast in every forward would be one more collective to keep in step. The flag was
-        # renamed in torch 2.13 (forward_sync_buffers); older versions only know broadcast_buffers.
-        import inspect
+def fsdp_policy(compute_dtype: torch.dtype):
+    """FSDP2's mixed precision for the student: fp32 master weights stay in the shards, the all-gathered copies are
+    in the run's compute dtype (train.py --dtype: bf16 by default on CUDA, fp32 when asked for, on any device), and
+    gradients are reduced in fp32. With fp32 compute nothing is cast, so FSDP and DDP agree to rounding."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        ddp = torch.nn.parallel.DistributedDataParallel
-        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-                   else {"broadcast_buffers": False})
-        return ddp(model, device_ids=[local_rank] if device_kind == "cuda" else None, **no_sync)
+    return MixedPrecisionPolicy(param_dtype=None if compute_dtype == torch.float32 else compute_dtype,
+                                reduce_dtype=torch.float32)
+
+
+def shard_student(model, compute_dtype: torch.dtype = torch.float32):
+    """FSDP2 in place: one shard group per decoder layer and the root (embeddings, final norm, LM head)."""
     import warnings
 
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     # the fused path makes the model return its final hidden states, a slice (a view) of the last layer's output;
     # nothing modifies them in place, which is what FSDP's warning about views is about
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-
-    # fp32 master weights stay in the shards; on CUDA the all-gathered copies are bf16 and gradients are reduced
-    # in fp32. On CPU (tests) everything stays fp32, so FSDP and DDP give the same numbers to rounding.
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if device_kind == "cuda" else MixedPrecisionPolicy())
+    policy = fsdp_policy(compute_dtype)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)  # the root: embeddings, final norm, LM head
+    fully_shard(model, mp_policy=policy)
     return model
 
 
-def shard_teacher(model, layout: str):
+def shard_teacher(model):
     """The teacher under FSDP: decoder layers sharded for inference (each all-gathered for its forward and freed
     after it); the embedding and the LM head stay whole on every rank (ignored_params) so that the hidden-state
     Heads it hands to the loss keep a valid weight for the whole step. Under DDP the teacher is simply replicated."""
-    if layout != "fsdp" or not dist.is_initialized():
-        return model
     from torch.distributed.fsdp import fully_shard
 
     for layer in decoder_layers(model):
         fully_shard(layer)
     whole = {model.get_input_embeddings().weight, model.get_output_embeddings().weight}
     fully_shard(model, ignored_params=whole)
+    return model
+
+
+def wrap_student(model, layout: str, device: torch.device):
+    """The module the loss goes through: DDP(model), the student itself when from_pretrained(shard=...) already
+    sharded it (FSDP: sampling, probing and saving use the same object), or the model itself (1 process)."""
+    if not dist.is_initialized() or layout != "ddp":
+        return model
+    # No buffer sync in forward: LLMs have no buffers that need it (rotary tables are recomputed identically on every
+    # rank), and a broadcast in every forward would be one more collective to keep in step. The flag was renamed in
+    # torch 2.13 (forward_sync_buffers); older versions only know broadcast_buffers.
+    import inspect
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+               else {"broadcast_buffers": False})
+    return ddp(model, device_ids=[device.index] if device.type == "cuda" else None, **no_sync)
+
+
+def from_pretrained(path: str, dtype: torch.dtype, device: torch.device, shard=None):
+    """A causal LM from a checkpoint folder or hub id, on `device`; with `shard` (shard_student / shard_teacher) and a
+    process group, sharded by it WITHOUT any rank ever holding the whole model on its device.
+
+    Unsharded: from_pretrained, then .to(device) (DDP needs the whole model on every rank anyway).
+    Sharded, for a model too big for one GPU (the paper's pair: a 64 GB fp32 student and a 61 GB bf16 teacher):
+      1. every rank builds the model on the META device (shapes only, no memory) and shards it (`shard`);
+      2. `to_empty` allocates each rank's shards on its device, 1/world of the model (plus whatever `shard` keeps
+         whole: the teacher's embedding and LM head);
+      3. rank 0 alone reads the checkpoint, into CPU memory, and set_model_state_dict(broadcast_from_rank0) sends
+         each tensor to every rank, which keeps only its shard (one tensor in flight at a time);
+      4. non-persistent buffers (rotary tables: not in checkpoints, left empty on the meta device) come from rank
+         0's copy, broadcast.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    if shard is None or not dist.is_initialized():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    try:  # from_config knows only config.json: the checkpoint's generation_config holds more stop ids (Qwen)
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:
+        pass
+    shard(model)
+    model.to_empty(device=device)
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=dtype) if dist.get_rank() == 0 else None  # CPU, rank 0
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    source = dict(whole.named_buffers()) if whole is not None else {}
+    for name, buffer in model.named_buffers():  # in the same order on every rank: the same architecture
+        if name not in persistent:
+            if whole is not None:
+                buffer.copy_(source[name])
+            broadcast_(buffer, src=0)
+    del whole
     return model
 
 

@@ -45,16 +45,18 @@ from fused_kernels import DEFAULT_CHUNK, Head, token_logprobs
 # Loading and randomness
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_policy(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_policy(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, shard=None):
     """Any causal LM that transformers supports (a local folder or a hub id) plus its tokenizer, in eval mode.
 
     eval() switches dropout off: sampling with dropout on would draw from a different policy than the one whose
     log-probs we train (trap 6). train.py switches the student back to train() for its own forward pass.
+    shard: parallel.shard_student under --parallel fsdp, applied while loading so that no rank ever holds the whole
+    model on its device (parallel.from_pretrained).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy import kept out of module import time
+    from transformers import AutoTokenizer  # heavy import kept out of module import time
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = parallel.from_pretrained(path, dtype, torch.device(device), shard=shard).eval()
     return model, tokenizer
 
 
@@ -308,13 +310,13 @@ def _logit_transform(inner) -> tuple[float, float | None]:
     return scale, getattr(config, "final_logit_softcapping", None)
 
 
-def check_head(model, name: str = "model") -> None:
+def check_head(model, name: str = "model", head=None) -> None:
     """Raise ValueError, naming the model, unless its LM head is what fused_kernels.Head computes: logits =
     transform(hidden @ weight.T). A head with a bias (Phi-2's and GPT-J's `lm_head.bias`) would be silently dropped
     by every fused loss and by the sampler's fp32 logits, so such a model is refused before any compute (train.py
     checks both models at start; every Head built from a model checks again)."""
     inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings()
+    head = head if head is not None else inner.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:
         raise ValueError(f"{name} ({type(inner).__name__}) has no LM head weight (get_output_embeddings()): the fused "
                          "head-and-loss path needs one")
@@ -328,7 +330,7 @@ def _full_weight(inner, head_module) -> torch.Tensor:
     """The LM head's weight as a full tensor; an FSDP shard (a DTensor) here is a bug of the caller. A head with a
     bias is refused (check_head)."""
     if getattr(head_module, "bias", None) is not None:
-        check_head(inner)
+        check_head(inner, head=head_module)
     weight = head_module.weight
     if hasattr(weight, "full_tensor"):
         raise RuntimeError(f"the LM head of {type(inner).__name__} is sharded (FSDP) here: read it after a forward "
@@ -435,7 +437,7 @@ def _decode(model, to_head, cache, first_hidden, attention_mask, next_position, 
         logps.append(logp)
         done = done | torch.isin(token, eos)
         finished = bool(done.all())  # one host sync per token, as in HF generate
-        if step == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep, done.device):
+        if step == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep):
             break  # (under lockstep: one all-reduce of a single flag per token, "is any rank still decoding?")
         attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
         hidden = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]  # (N, d)

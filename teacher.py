@@ -39,18 +39,20 @@ import contextlib
 
 import torch
 
+import parallel
 from fused_kernels import DEFAULT_CHUNK, Head, kl_divergence, token_logprobs
 from sample import (Continuations, EncodedPrefixes, Rollouts, SamplingConfig, cache_kwarg, eval_mode,
                     generation_config, hidden_states_out, model_step, position_ids_from_mask, sample_rollouts,
                     stop_token_ids)
 
 
-def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A frozen teacher: eval mode, no parameter requires grad. Returns (model, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_teacher(path: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, shard=None):
+    """A frozen teacher: eval mode, no parameter requires grad. Returns (model, tokenizer). shard: as
+    sample.load_policy's (parallel.shard_teacher under --parallel fsdp)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = parallel.from_pretrained(path, dtype, torch.device(device), shard=shard).eval()
     model.requires_grad_(False)
     return model, tokenizer
 

@@ -547,12 +547,6 @@ def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int) ->
     return [torch.tensor(c, dtype=torch.long, device=widths.device) for c in chunks]
 
 
-def chunk_count(n: int, lockstep: bool, device) -> int:
-    """How many chunks of states this rank runs: its own n, or under lockstep the busiest rank's (every rank runs the
-    same forwards of a sharded model; a rank with fewer runs a stand-in state, _stand_in_state, and drops it)."""
-    return parallel.max_over_ranks(n, lockstep, device)
-
-
 @torch.no_grad()
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
@@ -576,7 +570,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
     chunks = state_chunks(rollouts.prompt_width + ts, k, horizon, max_tokens) if len(where) else []
     probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)  # the policies
-    for i in range(chunk_count(len(chunks), lockstep, candidates.device)):
+    for i in range(parallel.max_over_ranks(len(chunks), lockstep)):
         chunk = chunks[i] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), result dropped
         state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
         s_enc = state_prefixes(student, rollouts, state_rows, state_ts, rollouts.cache, pad_id)
@@ -632,7 +626,7 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
     chunks = state_chunks(rollouts.prompt_width + ts[picked], k, horizon, max_tokens) if len(picked) else []
     sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)
     windows = []
-    for i in range(chunk_count(len(chunks), lockstep, candidates.device)):
+    for i in range(parallel.max_over_ranks(len(chunks), lockstep)):
         chunk = picked[chunks[i]] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), dropped
         state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
         t_enc = state_prefixes(teacher, rollouts, state_rows, state_ts, teacher_cache, pad_id)

@@ -670,7 +670,7 @@ def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
     An existing build is used as it is (whatever its ToyConfig, e.g. a --fast world); a missing one is built with
     the default ToyConfig.
     """
-    import torch.distributed as dist
+    import parallel
 
     world = Path(world)
     if rank == 0:
@@ -686,8 +686,7 @@ def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
     else:  # wait without holding a core (a collective may spin); torchrun stops us if rank 0 fails
         while not (world / "build.json").exists():
             time.sleep(2)
-    if dist.is_initialized():
-        dist.barrier()
+    parallel.barrier()
     return {"student": str(world / "student"), "teacher": str(world / "teacher"),
             "prompts": str(world / "train.jsonl"), "eval_prompts": str(world / "test.jsonl")}
 

@@ -97,6 +97,8 @@ class TrainConfig(topd.TOPDConfig):
     # evaluation and checkpoints
     eval_every: int = 50           # steps between held-out evaluations (0 = only before and after)
     eval_limit: int = 500          # evaluate on at most this many held-out prompts
+    eval_batch_tokens: int = 65536  # rows per evaluation batch: as many as fit in this many KV-cached tokens, rows x
+                                    # (prompt + max_new_tokens) (9.6 GB of cache for Qwen3-4B in bf16)
     eval_temperature: float = 0.0  # 0 = greedy
     save_every: int = 0            # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2      # this run's newest checkpoints kept; older ones of THIS run are deleted
@@ -105,6 +107,8 @@ class TrainConfig(topd.TOPDConfig):
     overwrite: bool = False        # start afresh in an --out that holds another run, deleting its checkpoints
     stop_at_step: int = 0          # stop early (e.g. a job time limit) after this step; the schedule still uses --steps
     seed: int = 0
+    dist_timeout: float = 60.0     # minutes a collective may wait for the slowest rank (NCCL's own default, 10, kills a
+                                   # run whose ranks wait while one still decodes a long evaluation batch)
     device: str = "auto"           # auto | cpu | cuda
     dtype: str = "auto"            # auto (fp32 on CPU, bf16 autocast on CUDA) | float32 | bfloat16
     chunk_size: int = DEFAULT_CHUNK  # positions per chunk of the fused kernels (256): ~4 fp32 (chunk, V) temporaries
@@ -146,6 +150,7 @@ def parse_config(argv=None) -> TrainConfig:
         explicit = {**toy.train_defaults(explicit.get("toy_dir", TrainConfig.toy_dir)), **explicit}  # its cap
     cfg = TrainConfig(**explicit)
     at_least = {**dict.fromkeys(("num_candidates", "probe_samples", "probe_tokens", "horizon", "rollout_batch",
+                                 "eval_batch_tokens",
                                  "micro_batch", "max_new_tokens", "steps", "chunk_size", "max_bad_steps",
                                  "keep_checkpoints", "log_every", "logp_check_every"), 1),
                 **dict.fromkeys(("min_gap", "warmup", "eval_every", "save_every", "stop_at_step", "weight_decay",
@@ -153,8 +158,8 @@ def parse_config(argv=None) -> TrainConfig:
     for name, low in at_least.items():
         if getattr(cfg, name) < low:
             parser.error(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(cfg, name)}")
-    if not 0 < cfg.guide_decay <= 1 or cfg.lr <= 0 or cfg.temperature <= 0:
-        parser.error("--guide-decay must be in (0, 1], --lr and --temperature > 0")
+    if not 0 < cfg.guide_decay <= 1 or cfg.lr <= 0 or cfg.temperature <= 0 or cfg.dist_timeout <= 0:
+        parser.error("--guide-decay must be in (0, 1], --lr, --temperature and --dist-timeout > 0")
     if bool(cfg.student) != bool(cfg.teacher):
         parser.error("give both --student and --teacher, or neither (toy world)")
     for name in ("prompts", "eval_prompts"):
@@ -215,6 +220,11 @@ class Run:
     bad_steps: int = 0
 
 
+def resolve_dtype(name: str, device_kind: str) -> torch.dtype:
+    """--dtype as a torch dtype: auto is bf16 on CUDA and fp32 elsewhere."""
+    return torch.bfloat16 if name == "bfloat16" or (name == "auto" and device_kind == "cuda") else torch.float32
+
+
 def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, local_rank: int = 0,
           log=print) -> Run:
     device = torch.device(f"cuda:{local_rank}" if device_kind == "cuda" else "cpu")
@@ -224,9 +234,11 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
         raise ValueError(f"--rollout-batch {cfg.rollout_batch} must be divisible by the number of processes {world}")
     checkpoint.prepare_out(Path(cfg.out), cfg, rank)  # before anything slow: a refused --out costs nothing
     sample.quiet_progress_bars()
-    # Device and dtype, decided here once: fp32 on CPU; on CUDA fp32 master weights and optimizer state with bf16
-    # autocast for the student, and a bf16 teacher (it never trains).
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_kind == "cuda")
+    # Device and dtype, decided here once (compute_dtype): fp32 on CPU; on CUDA fp32 master weights and optimizer
+    # state with bf16 compute for the student (autocast; under FSDP also the all-gathered copies, parallel.fsdp_policy),
+    # and a teacher stored in the compute dtype (it never trains). --dtype float32 makes everything fp32, anywhere.
+    compute_dtype = resolve_dtype(cfg.dtype, device_kind)
+    use_bf16 = compute_dtype == torch.bfloat16
     autocast = (lambda: torch.autocast(device_kind, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     if not cfg.student:  # the toy world: built by rank 0 if missing, the others wait
         import toy
@@ -247,17 +259,20 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     resume_from, meta = checkpoint.resume_point(Path(cfg.out), cfg) if cfg.resume else (None, {})
 
     # --- models, optimiser, schedule ---
-    student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32)
-    teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, torch.bfloat16 if use_bf16 else torch.float32)
+    # under FSDP both models are sharded while they load: no rank ever holds a whole model on its device
     lockstep = cfg.parallel == "fsdp" and world > 1
-    if cfg.mode != "opd":  # the probe and the guidance windows start from prefixes cut out of KV caches
-        for m in (student, teacher):
+    student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32, shard=(
+        (lambda m: parallel.shard_student(m, compute_dtype)) if lockstep else None))
+    teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, compute_dtype,
+                                          shard=parallel.shard_teacher if lockstep else None)
+    for m, name in ((student, f"the student ({cfg.student})"), (teacher, f"the teacher ({cfg.teacher})")):
+        sample.check_head(m, name)  # the fused fp32 head must compute exactly the model's logits (no lm_head.bias)
+        if cfg.mode != "opd":  # the probe and the guidance windows start from prefixes cut out of KV caches
             sample.check_prefix_cache(m, cut=lockstep)
     if cfg.gradient_checkpointing:
         sample.set_checkpointing(student, True)  # HF only checkpoints in train(): sampling in eval() keeps its KV cache
     student.train()
-    model = parallel.wrap_student(student, cfg.parallel, device_kind, local_rank)  # DDP, FSDP (in place) or itself
-    teacher = parallel.shard_teacher(teacher, cfg.parallel)
+    model = parallel.wrap_student(student, cfg.parallel, device)  # DDP(student), or the (sharded) student itself
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.weight_decay)
 
@@ -278,7 +293,7 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
               forward_tokens={"student": checkpoint.ForwardTokens(student),
                               "teacher": checkpoint.ForwardTokens(teacher)})
     if resume_from is not None:
-        state = checkpoint.restore_trainer_state(resume_from, student, optimizer, run.scheduler, device)
+        state = checkpoint.restore_trainer_state(resume_from, student, optimizer, run.scheduler, device, rank)
         run.start_step, run.bad_steps = state["step"], state["bad_steps"]
         run.accuracy_before = meta.get("accuracy_before")
         log(f"resumed from {resume_from} at step {run.start_step}")
@@ -403,20 +418,21 @@ def guidance_phase(run: Run, windows: list) -> list[dict]:
     local_total = sum((topd.guide_weights(w.teacher_conts.mask, cfg.guide_decay).sum() for w in windows),
                       torch.zeros((), device=run.device))
     guide_total = all_reduce(local_total.clone()).clamp(min=1e-9)
-    rounds = max(parallel.max_over_ranks(len(windows), run.world > 1, run.device), 1)  # >= 1: it carries the sync
+    rounds = max(parallel.max_over_ranks(len(windows), run.world > 1), 1)  # >= 1: it carries the sync
     stats = [topd.no_guidance_stats()]  # the same keys on every rank, windows or not
     for r in range(rounds):
-        with grad_sync(run.model, cfg.sync_every_backward or r == rounds - 1), run.autocast(), \
+        with grad_sync(run.model, cfg.sync_every_backward or r == rounds - 1), \
                 sample.without_checkpointing(run.student, cfg.gradient_checkpointing):
-            if r < len(windows):
-                window_kl = topd.guidance_kl(run.model, windows[r], vocab_size=run.vocab_size,
-                                             chunk_size=cfg.chunk_size)  # KL(teacher || student), (N, K, H)
-                loss, part = topd.guide_objective(window_kl, windows[r].teacher_conts.mask, guide_total,
-                                                  guide_weight=cfg.guide_weight, guide_decay=cfg.guide_decay)
-                stats.append(part)
-            else:  # nothing to guide on this rank this round: a zero-loss forward keeps DDP's collectives in step
-                loss = run.model(input_ids=torch.full((1, 1), run.pad_id, device=run.device)).logits.sum() * 0.0
-        (loss * run.world).backward()
+            with run.autocast():  # the forward only: torch recommends backward outside autocast
+                if r < len(windows):
+                    window_kl = topd.guidance_kl(run.model, windows[r], vocab_size=run.vocab_size,
+                                                 chunk_size=cfg.chunk_size)  # KL(teacher || student), (N, K, H)
+                    loss, part = topd.guide_objective(window_kl, windows[r].teacher_conts.mask, guide_total,
+                                                      guide_weight=cfg.guide_weight, guide_decay=cfg.guide_decay)
+                    stats.append(part)
+                else:  # nothing to guide on this rank this round: a zero-loss forward keeps DDP's collectives in step
+                    loss = run.model(input_ids=torch.full((1, 1), run.pad_id, device=run.device)).logits.sum() * 0.0
+            (loss * run.world).backward()
     return stats
 
 
@@ -438,11 +454,11 @@ def skip_step(run: Run, step: int) -> None:
 def main(argv=None):
     cfg = parse_config(argv)
     device_kind = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    rank, world, local_rank = parallel.dist_init(device_kind)
+    rank, world, local_rank = parallel.dist_init(device_kind, cfg.dist_timeout)
     try:
         results = train(cfg, device_kind, rank, world, local_rank)
-        if dist.is_initialized():  # every rank done before any closes its connections: a rank that tore down
-            dist.barrier()         # its gloo pairs while another was still in a collective aborted it at exit
+        parallel.barrier()  # every rank done before any closes its connections: a rank that tore down its gloo pairs
+                            # while another was still in a collective aborted it at exit
         return results
     finally:
         if dist.is_initialized():
@@ -468,7 +484,8 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
             run.student, run.tokenizer, run.eval_rows, sampling=sampling, seed=cfg.seed, rank=rank, world=world,
             instruction=cfg.instruction, chat_template=cfg.chat_template, enable_thinking=cfg.thinking,
             integer_range=tuple(map(int, cfg.eval_range.split(","))) if cfg.eval_range else None,
-            max_prompt_len=cfg.max_prompt_len)
+            max_prompt_len=cfg.max_prompt_len, batch_tokens=cfg.eval_batch_tokens, autocast=run.autocast,
+            log=lambda line: print0(f"  {line}", rank=rank))  # generation in the training dtype, one line per batch
         print0(f"held-out accuracy at step {step}: {acc:.1%}", rank=rank)
         log_metrics({"step": step, "eval/accuracy": acc})
         return acc

@@ -379,3 +379,69 @@ def test_cli_end_to_end_on_aime24_with_a_tiny_model(tmp_path):
     assert result["metrics"]["avg@k"]["mean"] == sum(g["correct"] for g in gens) / 60
     assert result["metrics"]["truncated_frac"]["mean"] == sum(g["truncated"] for g in gens) / 60
     assert all(g["tokens"] <= 16 for g in gens)
+
+
+# ------------------------------------------------------------------------------- evaluation under torchrun
+
+def _toy_eval_setup():
+    """A tiny random Llama over the toy tokenizer, and 7 toy problems."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from toy import build_tokenizer
+
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4,
+                                         pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    problems = [{"id": str(i), "problem": f"{i}+{i}=?\n", "answer": str(2 * i)} for i in range(7)]
+    return model, tok, problems
+
+
+def test_evaluation_batches_come_from_a_token_budget_and_every_rank_runs_as_many(monkeypatch):
+    """train.py's held-out evaluation under torchrun: rows are dealt to the ranks in turn (no rank is left without
+    work while another decodes, as 250-row batches left 6 of 8 ranks), batches are sized by a budget of KV-cached
+    tokens (rows x (prompt + max_new_tokens): 250 rows x 8k tokens of cache was the old fixed batch), every rank runs
+    the same number of batches under a sharded model (a stand-in batch, not recorded), generation runs under the
+    autocast it is given, and each batch prints a line."""
+    import contextlib
+
+    import torch
+
+    import eval_aime
+    import sample
+
+    model, tok, problems = _toy_eval_setup()
+    sampling = sample.SamplingConfig(temperature=0.0, max_new_tokens=10)
+    widest = max(len(i) for i in sample.encode_prompts(tok, [p["problem"] for p in problems])[0])
+    calls, autocast_on = [], []
+    real = sample.sample_rollouts
+    monkeypatch.setattr(sample, "sample_rollouts", lambda m, ids, **kw: calls.append(len(ids)) or real(m, ids, **kw))
+    hook = model.register_forward_pre_hook(lambda m, a: autocast_on.append(torch.is_autocast_enabled("cpu")))
+    counts, lines = {}, []
+    for rank in (0, 1):
+        calls.clear()
+        _, records = eval_aime.evaluate(model, tok, problems, k=1, sampling=sampling, rank=rank, world=2,
+                                        batch_tokens=2 * (widest + 10), instruction=False, chat_template=False,
+                                        integer_range=None, log=lines.append)
+        counts[rank] = (list(calls), sorted(r["id"] for r in records))
+    assert counts[0] == ([2, 2], ["0", "2", "4", "6"]) and counts[1] == ([2, 1], ["1", "3", "5"])
+    assert len(lines) == 4 and lines[0].startswith("eval batch 1/2: 2 rows")
+    # a sharded model (lockstep): rank 1 of 3 has 2 rows, rank 0 has 3 -> rank 1 runs a stand-in batch, unrecorded
+    lockstep = sample.SamplingConfig(temperature=0.0, max_new_tokens=10, lockstep=True)
+    calls.clear()
+    _, records = eval_aime.evaluate(model, tok, problems, k=1, sampling=lockstep, rank=2, world=3,
+                                    batch_tokens=1 * (widest + 10), instruction=False, chat_template=False,
+                                    integer_range=None)
+    assert calls == [1, 1, 1] and sorted(r["id"] for r in records) == ["2", "5"]
+    # generation under the caller's autocast (train.py: bf16 on CUDA), never in the default dtype by accident
+    autocast_on.clear()
+    eval_aime.held_out_accuracy(model, tok, problems[:2], sampling=sampling, instruction=False, chat_template=False,
+                                integer_range=None, autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    assert autocast_on and all(autocast_on)
+    autocast_on.clear()
+    eval_aime.held_out_accuracy(model, tok, problems[:2], sampling=sampling, instruction=False, chat_template=False,
+                                integer_range=None, autocast=contextlib.nullcontext)
+    assert autocast_on and not any(autocast_on)
+    hook.remove()

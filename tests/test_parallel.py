@@ -196,8 +196,144 @@ def test_layout_helpers_without_a_process_group():
     import parallel
 
     model = torch.nn.Linear(2, 2)
-    assert parallel.wrap_student(model, "fsdp", "cpu") is model and parallel.shard_teacher(model, "fsdp") is model
-    assert parallel.any_rank(True, True, "cpu") is True and parallel.any_rank(False, True, "cpu") is False
-    assert parallel.max_over_ranks(3, True, "cpu") == 3
+    assert parallel.wrap_student(model, "fsdp", torch.device("cpu")) is model
+    assert parallel.wrap_student(model, "ddp", torch.device("cpu")) is model
+    assert parallel.comm_device() == torch.device("cpu")
+    assert parallel.all_gather_numbers([1.5, 2.0]) == [[1.5, 2.0]] and parallel.all_gather_objects("x") == ["x"]
+    assert parallel.any_rank(True, True) is True and parallel.any_rank(False, True) is False
+    assert parallel.max_over_ranks(3, True) == 3
     with pytest.raises(ValueError, match="no decoder layers"):
         parallel.decoder_layers(model)
+
+
+# ------------------------------------------------------------------------------- the CUDA rules, checked on the CPU
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "broadcast",
+               "broadcast_object_list", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "gather",
+               "gather_object", "scatter", "scatter_object_list", "barrier", "send", "recv"}
+
+
+def test_every_collective_goes_through_parallel():
+    """NCCL serves CUDA tensors only; a collective handed a CPU tensor crashes the first multi-GPU run (as
+    eval_aime's CPU float64 counts did). The rule that makes the class impossible: only parallel.py calls
+    torch.distributed's collectives, and its helpers put the tensor on the group's device (comm_device). No other
+    file of the repository may call one."""
+    import ast
+
+    offenders = []
+    for path in sorted(ROOT.glob("*.py")):
+        if path.name == "parallel.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COLLECTIVES:
+                base = node.func.value
+                name = base.id if isinstance(base, ast.Name) else getattr(base, "attr", "")
+                if name in ("dist", "distributed"):
+                    offenders.append(f"{path.name}:{node.lineno} {name}.{node.func.attr}")
+    assert offenders == []
+
+
+_COMM_DEVICE = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+import parallel
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1")
+torch.cuda.current_device = lambda: 0  # a CPU build has no CUDA device to ask; the rule is what is tested
+dist.init_process_group(backend=sys.argv[1])
+print("comm_device", parallel.comm_device())
+try:
+    dist.all_reduce(torch.ones(1))  # what eval_aime did: a CPU tensor straight to the group
+    print("cpu tensor accepted")
+except RuntimeError as e:
+    print("cpu tensor refused:", str(e)[:80])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("backend, device", [("cuda:gloo", "cuda:0"), ("gloo", "cpu")])
+def test_collectives_run_on_the_device_the_backend_serves(tmp_path, backend, device):
+    """`cuda:gloo` registers gloo for CUDA tensors only: on the CPU it behaves as NCCL does (a CPU tensor is refused,
+    shown here as the precondition). parallel.comm_device() reads the device from the group itself, so the helpers
+    move their tensors to CUDA under NCCL and leave them on the CPU under gloo."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "comm_device.py"
+    script.write_text(_COMM_DEVICE.format(root=str(ROOT)))
+    out = subprocess.run([sys.executable, str(script), backend, str(port)], capture_output=True, text=True,
+                         timeout=120).stdout
+    assert f"comm_device {device}" in out, out
+    assert ("cpu tensor refused" in out) == (backend == "cuda:gloo"), out
+
+
+def test_fsdp_mixed_precision_follows_the_dtype_flag():
+    """--parallel fsdp on CUDA with --dtype float32 got bf16 all-gathers anyway (the policy came from the device
+    kind). The policy comes from the run's compute dtype: fp32 casts nothing, bf16 computes in bf16; gradients are
+    always reduced in fp32."""
+    import parallel
+
+    fp32, bf16 = parallel.fsdp_policy(torch.float32), parallel.fsdp_policy(torch.bfloat16)
+    assert fp32.param_dtype is None and bf16.param_dtype == torch.bfloat16
+    assert fp32.reduce_dtype == bf16.reduce_dtype == torch.float32
+    import train
+    assert train.resolve_dtype("float32", "cuda") == torch.float32 and train.resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert train.resolve_dtype("auto", "cpu") == torch.float32 and train.resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+_SHARDED_LOAD = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch, torch.distributed as dist
+from transformers import AutoModelForCausalLM
+import parallel
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+loads = []
+real = AutoModelForCausalLM.from_pretrained
+AutoModelForCausalLM.from_pretrained = lambda *a, **k: loads.append(a[0]) or real(*a, **k)
+for role, shard in (("student", parallel.shard_student), ("teacher", parallel.shard_teacher)):
+    path = sys.argv[1] + "/" + role
+    model = parallel.from_pretrained(path, torch.float32, torch.device("cpu"), shard=shard)
+    whole = {{n for n, p in model.named_parameters() if not hasattr(p, "full_tensor")}}
+    local = sum(p.to_local().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
+    state = parallel.full_state_dict(model)
+    if rank == 0:
+        ref = real(path)
+        same = all(torch.equal(state[k], v) for k, v in ref.state_dict().items() if k in state)
+        buffers = all(torch.equal(b, dict(ref.named_buffers())[n]) for n, b in model.named_buffers())
+        total = sum(p.numel() for p in ref.parameters())
+        print(f"{{role}}: weights equal {{same}}, buffers equal {{buffers}}, eos {{model.generation_config.eos_token_id}}")
+    print(f"rank {{rank}} {{role}}: loads {{len(loads)}}, whole {{sorted(whole)}}, local {{local}}", flush=True)
+    loads.clear()
+if rank == 0:
+    print("total", total)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_loading_never_puts_a_whole_model_on_a_rank_that_shards_it(fast_world, tmp_path):
+    """FSDP loading built the full fp32 student and the full bf16 teacher on every rank before sharding them (~77 GB
+    per rank for the paper's pair). Now every rank builds on the meta device and shards; only rank 0 reads the
+    checkpoint (into CPU memory) and sends each rank its shards: the other ranks never call from_pretrained, every
+    sharded parameter is a shard, and the result is the checkpoint exactly (weights, rotary buffers, stop ids). The
+    teacher's embedding and LM head stay whole, as the fused head needs."""
+    world, _ = fast_world
+    script = tmp_path / "load.py"
+    script.write_text(_SHARDED_LOAD.format(root=str(ROOT)))
+    proc = _run([str(world)], nproc=2, timeout=300, script=script)
+    out = proc.stdout
+    for role in ("student", "teacher"):
+        assert f"{role}: weights equal True, buffers equal True, eos 2" in out, out
+        assert f"rank 1 {role}: loads 0, " in out and f"rank 0 {role}: loads 1, " in out, out
+    assert "rank 1 student: loads 0, whole [], " in out  # every parameter of the student a shard
+    assert "whole ['lm_head.weight', 'model.embed_tokens.weight']" in out or \
+        "whole ['model.embed_tokens.weight']" in out  # the teacher's head and embedding whole (tied: one)
+    total = int(out.split("total ")[1].split()[0])
+    local = [int(line.split("local ")[1]) for line in out.splitlines() if line.startswith("rank 1 student")]
+    assert local[0] <= total // 2 + 1024  # half the student, give or take the shards' padding

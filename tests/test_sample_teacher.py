@@ -652,3 +652,53 @@ def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector)
         assert not torch.equal(torch.cat(window_ids(short))[..., :3], torch.cat(window_ids(same))[..., :3])
     kl = topd.guidance_kl(student, short.windows[0], vocab_size=25)
     assert kl.shape[-1] == 3 and torch.isfinite(kl).all()
+
+
+def test_an_lm_head_bias_is_refused_by_name():
+    """Phi-2 and GPT-J have an lm_head.bias, which fused_kernels.Head (hidden @ weight.T) would silently drop from
+    every sampled and scored log-prob. Such a model is refused, naming the model and the bias, for either role
+    (train.py checks the student and the teacher at start), and any Head built from it refuses too."""
+    model = sample._tiny_random_model()
+    sample.check_head(model, "the student (x)")  # a plain head passes
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+    with pytest.raises(ValueError, match=r"the student \(x\).*lm_head\.bias"):
+        sample.check_head(model, "the student (x)")
+    with pytest.raises(ValueError, match="lm_head.bias"):
+        sample.sample_rollouts(model, [[1, 5]], sampling=sample.SamplingConfig(max_new_tokens=2), eos_ids=[2],
+                               pad_id=0, generator=sample.make_generator(0, device="cpu"))
+
+
+def _tiny_moe(seed: int, dtype):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(vocab_size=64, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                            num_experts=8, num_experts_per_tok=2, max_position_embeddings=256, bos_token_id=1,
+                            eos_token_id=2, pad_token_id=0)
+    model = Qwen3MoeForCausalLM(config).to(dtype).eval().requires_grad_(False)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # logits of several units, as a trained model's (random init: ~0.1)
+    return model
+
+
+def test_bf16_self_check_tolerance_holds_for_a_mixture_of_experts_teacher():
+    """The self-check's bf16 tolerance (2e-2 nats) against a mixture-of-experts teacher, whose top-k routing can flip
+    between the batched and the cached pass when bf16 rounding moves two experts' router scores past each other.
+    Measured on tiny random Qwen3-MoE teachers (8 experts, 2 per token) in bf16 over 40 rollout tokens (CPU, torch
+    2.13): the largest cached gap is 6.4e-4 nats over seeds 0-2, 30x inside the tolerance, and a cache bug that
+    scales the cached hidden states by 1.5 gives 0.17-0.21, 10x above it: the check still catches one."""
+    gaps = []
+    for seed in range(3):
+        teacher = _tiny_moe(seed, torch.bfloat16)
+        ro = sample.sample_rollouts(teacher, [[1, 5, 6, 7], [1, 9]], sampling=sample.SamplingConfig(max_new_tokens=20),
+                                    eos_ids=[-1], pad_id=0, generator=sample.make_generator(seed, device="cpu"))
+        gaps.append(teacher_mod.self_check(teacher, ro))
+    assert all(g["repeat"] == 0.0 and g["cached"] < g["tolerance"] / 2 and g["fused"] < g["tolerance"] / 2
+               for g in gaps), gaps
+    broken = teacher.model.norm.register_forward_hook(lambda m, i, out: out * 1.5 if out.shape[1] == 1 else out)
+    try:
+        with pytest.raises(RuntimeError, match="KV-cached"):
+            teacher_mod.self_check(teacher, ro)
+    finally:
+        broken.remove()

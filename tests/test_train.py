@@ -309,14 +309,25 @@ def test_resume_refuses_changed_flags_and_keeps_the_original_starting_accuracy(f
     assert [r["step"] for r in _metrics(out)] == [1, 2]
 
 
-def test_cuda_rng_state_is_restored_on_resume(monkeypatch):
-    """Review item 4: the CUDA RNG state was saved but never restored."""
+def test_each_rank_gets_back_its_own_rng_states_on_resume(monkeypatch):
+    """Resume gives each rank the RNG states IT saved (not rank 0's on every rank), and only its own CUDA device's, so
+    a run resumed on fewer GPUs than it was saved from restores too (setting every saved device's state failed
+    there). A rank the checkpoint did not have keeps its own; an old checkpoint (rank 0's CPU state) still loads."""
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(states))
-    cuda_states = [torch.tensor([1, 2, 3], dtype=torch.uint8), torch.tensor([4, 5], dtype=torch.uint8)]
-    checkpoint.restore_rng({"torch_rng": torch.get_rng_state(), "cuda_rng": cuda_states})
-    assert len(restored) == 1 and all(torch.equal(a, b) for a, b in zip(restored[0], cuda_states))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("every device's state set"))
+    cpu = [torch.Generator().manual_seed(r).get_state() for r in range(2)]
+    cuda = [torch.tensor([r, 7], dtype=torch.uint8) for r in range(2)]
+    state = {"rng": [{"torch": cpu[r], "cuda": cuda[r]} for r in range(2)]}
+    for rank in (1, 0):
+        checkpoint.restore_rng(state, rank)
+        assert torch.equal(torch.get_rng_state(), cpu[rank]) and torch.equal(restored[-1], cuda[rank])
+    before, notes = torch.get_rng_state(), []
+    checkpoint.restore_rng(state, 2, warn=notes.append)  # a third rank: nothing saved for it
+    assert torch.equal(torch.get_rng_state(), before) and "rank 2" in notes[0] and len(restored) == 2
+    checkpoint.restore_rng({"torch_rng": cpu[1]}, 0)  # a checkpoint from before per-rank states
+    assert torch.equal(torch.get_rng_state(), cpu[1])
 
 
 def test_stop_token_mismatch_fails_before_training(fast_world, tmp_path):
@@ -382,3 +393,23 @@ def test_forward_tokens_count_every_forward_of_the_step_and_nothing_else(fast_wo
     assert topd_metrics["rollout/len_mean"] == opd["rollout/len_mean"]  # the same rollouts (same seed and weights)
     assert topd_metrics["compute/student_tokens"] > opd["compute/student_tokens"]
     assert topd_metrics["compute/teacher_tokens"] > opd["compute/teacher_tokens"]
+
+
+def test_the_process_group_timeout_is_a_flag(monkeypatch):
+    """NCCL's default watchdog (10 minutes) kills a run whose ranks wait at a collective while another still decodes
+    a long evaluation batch: --dist-timeout (minutes, default 60) reaches init_process_group."""
+    import datetime
+
+    import parallel
+
+    seen = {}
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(parallel.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(parallel.dist, "get_world_size", lambda: 1)
+    monkeypatch.setenv("RANK", "0")
+    cfg = train.parse_config(["--dist-timeout", "5"])
+    assert parallel.dist_init("cpu", cfg.dist_timeout) == (0, 1, 0)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=5)}
+    assert train.parse_config([]).dist_timeout == 60
+    with pytest.raises(SystemExit):
+        train.parse_config(["--dist-timeout", "0"])
