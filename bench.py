@@ -682,23 +682,32 @@ def section_scaling(cfg, size, device, world, threads):
 MEMORY_VARIANTS = [("opd", "window"), ("topd", "window"), ("topd", "probe")]
 
 
+def qwen_tokenizer(head_width: int, padding: int = 267):
+    """A tokenizer of head_width - padding entries (Qwen3: 151,936 head columns, 151,669 tokens): pad/bos/eos, the
+    toy's characters (one token per character, so digit strings encode to as many tokens as characters) and
+    never-produced filler entries up to the size. What the runs measure is the cost of a Qwen-sized vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<bos>", "<eos>"] + list("0123456789+-=?;,|\n{}")
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"<t{i}>": i for i in range(len(vocab), head_width - padding)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   padding_side="left")
+
+
 def qwen_vocab_world(into: Path, size: dict, padding: int = 267) -> Path:
     """Random Llama student (`layers`) and teacher (`layers` + 1) with Qwen3's head width (151,936 columns) and a
     tokenizer of 151,669 entries (Qwen3's own count: the last `padding` = 267 columns are padding, never sampled),
     small hidden states, and toy prompts. Random weights serve for time and memory: what is measured is the cost of
     (T, V). padding=0 gives a tokenizer as wide as the head: revisions before the padded-vocabulary fix (review
     item 2) sample padding ids and crash on the padded world, so the reference comparison runs on that one."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     V, h = size["vocab"], size["hidden"]
-    words = ["<pad>", "<bos>", "<eos>"] + list("0123456789+-=?;,|\n{}")
-    vocab = {w: i for i, w in enumerate(words)}
-    vocab.update({f"<t{i}>": i for i in range(len(vocab), V - padding)})
-    core = Tokenizer(models.WordLevel(vocab, unk_token=None))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                  padding_side="left")
+    tok = qwen_tokenizer(V, padding)
     for name, layers, seed in (("student", size["layers"], 0), ("teacher", size["layers"] + 1, 1)):
         torch.manual_seed(seed)
         config = LlamaConfig(vocab_size=V, hidden_size=h, intermediate_size=4 * h, num_hidden_layers=layers,

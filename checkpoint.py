@@ -190,6 +190,59 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
+def progress_interval() -> float:
+    """Seconds between two progress lines in a log file: $TOPD_PROGRESS_EVERY, default 30."""
+    return float(os.environ.get("TOPD_PROGRESS_EVERY", "") or 30.0)
+
+
+class Progress:
+    """A long loop's progress, wherever its output goes. On a terminal: a tqdm bar. Otherwise (torchrun's output in
+    a cluster log, `| tee`, nohup), where tqdm is off: a plain line at least every progress_interval() seconds and at
+    the end, `desc: done/total | rate/s | key value ...`, so a slow build is never mistaken for a hang.
+
+        progress = Progress(1500, "teacher SFT", unit="step")
+        for step in ...:
+            progress.update(loss=f"{loss:.3f}")
+        progress.close()
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "step", log=None):
+        import sys
+
+        self.total, self.desc, self.unit, self.done = total, desc, unit, 0
+        self.log = log or (lambda line: print(line, flush=True))
+        self.every, self.start = progress_interval(), time.time()
+        self.last = self.start
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False)
+        else:
+            self.log(f"{desc}: started ({total} {unit}s at most)")
+
+    def update(self, n: int = 1, **status) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if status:
+                self.bar.set_postfix(status, refresh=False)
+        elif time.time() - self.last >= self.every:
+            self._line(status)
+
+    def _line(self, status: dict, final: bool = False) -> None:
+        elapsed = time.time() - self.start
+        self.last = time.time()
+        self.log(f"{self.desc}: {self.done}/{self.total} {self.unit}s{' (done)' if final else ''} | "
+                 f"{self.done / max(elapsed, 1e-9):.2f} {self.unit}s/s | {elapsed:.0f} s"
+                 + "".join(f" | {k} {v}" for k, v in status.items()))
+
+    def close(self, **status) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self._line(status, final=True)
+
+
 class Clock:
     """Wall time per phase of a step; time spent in a nested phase is not counted in the enclosing one."""
 

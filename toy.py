@@ -55,6 +55,11 @@ import torch
 import sample
 
 
+def say(*args) -> None:
+    """print, flushed at once: progress lines must reach a log file when they happen, not when a buffer fills."""
+    print(*args, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tokenizer: one token per character, plus \boxed
 # ----------------------------------------------------------------------------------------------------------------
@@ -380,21 +385,22 @@ def sft_batch(examples):
     return ids, mask, position_ids_from_mask(mask), labels
 
 
-def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: str, stop_when=None):
+def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: str, stop_when=None, log=None):
     """Plain next-token cross-entropy on the trained response tokens; AdamW, warmup, cosine to 0.1x.
 
     stop_when(step, model) -> bool, when given, is asked after every step and ends training early when it says so
-    (the student's set-point stop below). Returns (model in eval mode, number of steps run).
+    (the student's set-point stop below). Progress: a bar on a terminal, else a line through `log` every ~30 s with
+    the loss and the rate (checkpoint.Progress). Returns (model in eval mode, number of steps run).
     """
-    from tqdm import tqdm
+    from checkpoint import Progress
 
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup) *
                                               (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=not sys.stderr.isatty())  # no bar in a log file
-    step = 0
+    progress = Progress(steps, desc, log=log)
+    step, loss = 0, torch.tensor(float("nan"))
     for step in range(1, steps + 1):
         ids, mask, pos, labels = sft_batch([example_fn(rng) for _ in range(cfg.batch_size)])
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1]  # predicts ids[:, 1:]
@@ -405,11 +411,10 @@ def train_sft(model, example_fn, steps: int, cfg: ToyConfig, seed: int, desc: st
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        progress.update(loss=f"{loss.item():.3f}")
         if stop_when is not None and stop_when(step, model):
             break
-    bar.close()
+    progress.close(loss=f"{loss.item():.3f}")
     return model.eval(), step
 
 
@@ -507,7 +512,7 @@ def world_data(cfg: ToyConfig) -> WorldData:
     return WorldData(test=test, train=train, pool=draw(cfg.student_pool))
 
 
-def build_teacher(cfg: ToyConfig, data: WorldData, tokenizer=None, log=None):
+def build_teacher(cfg: ToyConfig, data: WorldData, tokenizer=None, log=None, progress_log=say):
     """SFT on fresh problems (never a held-out one), in the teacher's style, with slips and their corrections; all
     cfg.teacher_steps of them, or (cfg.teacher_target > 0) up to the first evaluation at or above the target."""
     held_out = {p.prompt for p in data.test}
@@ -522,11 +527,11 @@ def build_teacher(cfg: ToyConfig, data: WorldData, tokenizer=None, log=None):
         data.test_rows, tokenizer or build_tokenizer(), cfg.teacher_target, 250, 750, log=log,
         max_new_tokens=cfg.response_cap, near_every=250, who="teacher")
     model, _ = train_sft(make_model(cfg, cfg.teacher_layers, cfg.seed + 1), teacher_example, cfg.teacher_steps, cfg,
-                         cfg.seed + 11, "teacher SFT", stop_when=stop_when)
+                         cfg.seed + 11, "teacher SFT", stop_when=stop_when, log=progress_log)
     return model
 
 
-def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None):
+def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None, progress_log=say):
     """SFT on the same few labelled problems (data.pool) over and over, in the student's style, stopped at the
     set point cfg.student_target (see set_point_stop). Returns (model, steps run)."""
     def student_example(rng):
@@ -534,7 +539,7 @@ def build_student(cfg: ToyConfig, data: WorldData, tokenizer, log=None):
         return p.prompt, response_pieces(p, rng, sep_style=STUDENT_SEP, other_sep_rate=cfg.student_other_sep_rate,
                                          swap_rate=cfg.student_swap_rate)
     return train_sft(make_model(cfg, cfg.student_layers, cfg.seed + 2), student_example, cfg.student_steps, cfg,
-                     cfg.seed + 12, "student SFT",
+                     cfg.seed + 12, "student SFT", log=progress_log,
                      stop_when=set_point_stop(data.test_rows, tokenizer, cfg.student_target, cfg.student_eval_every,
                                               cfg.student_eval_from, log=log, max_new_tokens=cfg.response_cap))
 
@@ -584,7 +589,7 @@ def thread_count(requested: int = 0, share: int = 1) -> int:
     return int(env) if env.isdigit() and int(env) > 0 else max(1, (os.cpu_count() or 1) // share)
 
 
-def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=print,
+def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=say,
           verbose_log=None) -> dict:
     """Build (or reuse) the world in `out`: tokenizer, teacher/, student/, train.jsonl, test.jsonl, build.json.
 
@@ -601,15 +606,21 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
         log(f"{out}: built with a different config; rebuilding")
     sample.quiet_progress_bars()
     t0 = time.time()
+    log(f"building the toy world into {out} with {torch.get_num_threads()} thread(s): the teacher's SFT, the student's "
+        f"SFT to its {cfg.student_target:.0%} set point, then both models' held-out accuracy")
     data, tokenizer = world_data(cfg), build_tokenizer()
-    teacher = build_teacher(cfg, data, tokenizer, log=verbose_log)
+    teacher = build_teacher(cfg, data, tokenizer, log=verbose_log, progress_log=log)
     t1 = time.time()
-    student, student_steps = build_student(cfg, data, tokenizer, log=verbose_log)
+    student, student_steps = build_student(cfg, data, tokenizer, log=verbose_log, progress_log=log)
     t2 = time.time()
-    acc = {name: {"greedy": accuracy(m, tokenizer, data.test_rows, temperature=0.0, max_new_tokens=cfg.response_cap),
-                  "t1": accuracy(m, tokenizer, data.test_rows, temperature=1.0, seed=cfg.seed,
-                                 max_new_tokens=cfg.response_cap)}
-           for name, m in (("teacher", teacher), ("student", student))}
+    log(f"both models trained ({t2 - t0:.0f} s); measuring their held-out accuracy (greedy and at T=1)")
+    acc = {}
+    for name, m in (("teacher", teacher), ("student", student)):
+        acc[name] = {}
+        for kind, temperature in (("greedy", 0.0), ("t1", 1.0)):
+            acc[name][kind] = accuracy(m, tokenizer, data.test_rows, temperature=temperature, seed=cfg.seed,
+                                       max_new_tokens=cfg.response_cap)
+            log(f"  {name} held-out accuracy, {'greedy' if kind == 'greedy' else 'T=1'}: {acc[name][kind]:.1%}")
     info = {"config": asdict(cfg), "accuracy": acc, "student_sft_steps": student_steps,
             "threads": torch.get_num_threads(),
             "weights_sha256": {name: weights_hash(m) for name, m in (("teacher", teacher), ("student", student))},
@@ -630,6 +641,7 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+    log(f"toy world built in {info['seconds']['total']:.0f} s (world hash {info['world_hash']})")
     return info
 
 
@@ -677,7 +689,7 @@ def world_for_training(world: str | Path, rank: int = 0, log=print) -> dict:
         threads = torch.get_num_threads()
         torch.set_num_threads(max(threads, os.cpu_count() or 1))
         try:
-            info = build(world, log=log) if not (world / "build.json").exists() else \
+            info = build(world, log=log, verbose_log=log) if not (world / "build.json").exists() else \
                 json.loads((world / "build.json").read_text())
         finally:
             torch.set_num_threads(threads)
@@ -967,7 +979,7 @@ def main(argv=None):
         parser.error("--fast and --long are two different worlds: give one")
     cfg = ToyConfig(**FAST) if args.fast else ToyConfig(**LONG) if args.long else ToyConfig()
     out = args.out or ("runs/toy-fast" if args.fast else "runs/toy-long" if args.long else "runs/toy")
-    info = build(out, cfg, force=args.force, verbose_log=print)
+    info = build(out, cfg, force=args.force, verbose_log=say)
     a = info["accuracy"]
     print(f"toy world in {out} ({info['seconds']['total']} s to build at {info.get('threads', '?')} thread(s); params "
           f"teacher {info['params']['teacher']:,}, student {info['params']['student']:,}; world hash {world_hash(out)})")

@@ -259,8 +259,10 @@ def setup(cfg: TrainConfig, device_kind: str, rank: int = 0, world: int = 1, loc
     resume_from, meta = checkpoint.resume_point(Path(cfg.out), cfg) if cfg.resume else (None, {})
 
     # --- models, optimiser, schedule ---
-    # under FSDP both models are sharded while they load: no rank ever holds a whole model on its device
-    lockstep = cfg.parallel == "fsdp" and world > 1
+    # under FSDP both models are sharded while they load: no rank ever holds a whole model on its device. Any process
+    # group shards, one process included (torchrun --nproc_per_node=1: the FSDP code path on one GPU); a plain
+    # `python train.py --parallel fsdp` has no group and nothing to shard
+    lockstep = cfg.parallel == "fsdp" and dist.is_initialized()
     student, tokenizer = sample.load_policy(str(resume_from or cfg.student), device, torch.float32, shard=(
         (lambda m: parallel.shard_student(m, compute_dtype)) if lockstep else None))
     teacher, _ = teacher_lib.load_teacher(cfg.teacher, device, compute_dtype,

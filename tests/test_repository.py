@@ -89,3 +89,48 @@ def test_no_top_level_file_shadows_an_installed_package():
     ours = {p.stem for p in ROOT.glob("*.py")} - {"conftest"}
     assert "transformers" in installed  # the map is real: the requirement we know is installed is in it
     assert sorted(ours & set(installed)) == []
+
+
+def _readme_commands():
+    """The runnable commands of the README's "## Two commands" block, continuation lines joined."""
+    import re
+
+    block = re.search(r"^## Two commands\n.*?```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S | re.M)
+    assert block, "README.md has no '## Two commands' block"
+    commands, current = [], ""
+    for line in block.group(1).splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        current += line.rstrip("\\").strip() + " "
+        if not line.endswith("\\"):
+            commands.append(" ".join(current.split()))
+            current = ""
+    return commands
+
+
+def test_the_readme_gives_the_main_job_and_the_test_command_ci_runs():
+    """The front door holds exactly two runnable commands: the main job, and the test command that .ci/run runs,
+    character for character. (An edit of a count once replaced the test command by a comment, and nobody noticed.)"""
+    commands = _readme_commands()
+    assert len(commands) == 2, commands
+    assert "pip install -r requirements.txt" in commands[0] and commands[0].endswith("train.py")
+    ci = (ROOT / ".ci" / "run").read_text().split("# The README's test command.")[1]
+    ci_command = next(line.strip() for line in ci.splitlines() if line.strip() and not line.startswith("#"))
+    assert commands[1] == ci_command
+
+
+def test_the_readme_is_a_front_door_and_its_numbers_are_the_records():
+    """README.md stays a page a reader finishes (<= ~300 lines; the record lives in docs/), every docs/ link in it
+    exists, and every row of its results table is a row of docs/results.md, so the two can never disagree."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 300
+    for link in re.findall(r"\]\((docs/[^)#]+)", text):
+        assert (ROOT / link).is_file(), link
+    section = text.split("## Results\n")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) >= 3
+    record = (ROOT / "docs" / "results.md").read_text()
+    assert [row for row in rows if row not in record] == []

@@ -274,3 +274,47 @@ def test_mechanism_page_marks_each_candidate_with_its_label_and_both_decisions(f
         right = sum(r[i] == "right" for r in rows)
         assert f"{name} {right}/{len(rows)} candidates decided right" in text
         assert all((r[i] == "right") == ((r[i - 1] == "div") == (r[0] in toy.FORK_LABELS)) for r in rows)
+
+
+def test_a_build_logging_to_a_file_is_never_silent_for_long(tmp_path, monkeypatch):
+    """With output going to a file (a cluster log, `| tee`, nohup) tqdm is off, and the build used to print nothing
+    until it ended: minutes of silence that look like a hang. Every phase now prints a plain line at least every
+    TOPD_PROGRESS_EVERY seconds (30 by default; 0.5 here): the SFT steps with their loss and rate, the build's
+    stages, each evaluation. Measured as the largest gap between two lines of a small build, which may exceed the
+    interval only by the longest indivisible unit of work (an SFT step, or one evaluation), both timed in the same
+    run so that a slow or busy machine cannot fail the test by being slow."""
+    import time
+
+    monkeypatch.setenv("TOPD_PROGRESS_EVERY", "0.5")
+    stamps, lines, units, batches = [], [], [0.0], []
+
+    def log(*args):
+        stamps.append(time.time())
+        lines.append(" ".join(map(str, args)))
+
+    real_batch, real_accuracy = toy.sft_batch, toy.accuracy
+
+    def timed_batch(examples):  # called once per SFT step: the time between two calls is one step
+        batches.append(time.time())
+        if len(batches) > 1:
+            units.append(batches[-1] - batches[-2])
+        return real_batch(examples)
+
+    def timed_accuracy(*args, **kwargs):
+        t0 = time.time()
+        try:
+            return real_accuracy(*args, **kwargs)
+        finally:
+            units.append(time.time() - t0)
+
+    monkeypatch.setattr(toy, "sft_batch", timed_batch)
+    monkeypatch.setattr(toy, "accuracy", timed_accuracy)
+
+    cfg = toy.ToyConfig(**{**toy.FAST, "teacher_steps": 300, "student_steps": 120, "student_eval_from": 20,
+                           "num_test_prompts": 60, "num_train_prompts": 200, "student_target": 0.99})
+    start = time.time()
+    toy.build(tmp_path / "world", cfg, log=log, verbose_log=log)
+    gaps = [b - a for a, b in zip([start] + stamps, stamps)]
+    assert max(gaps) <= 0.5 + max(units) + 0.25, (max(gaps), max(units), lines)
+    assert any(line.startswith("teacher SFT: ") and "| loss " in line and "steps/s" in line for line in lines)
+    assert any(line.startswith("student SFT: ") for line in lines) and "toy world built" in lines[-1]
