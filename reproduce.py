@@ -262,6 +262,83 @@ def sweep_markdown(points: list[dict], args) -> list[str]:
     return lines
 
 
+def style_curve(world: Path, run_dir: Path, num_prompts: int = 400) -> list[dict]:
+    """What a run's student does over its checkpoints (train.py --save-every N --keep-checkpoints large): per
+    checkpoint, greedy held-out accuracy and the shares of its style choices (toy.style_report: "," separators and
+    "b+acc" additions, 1.0 = the long world student's own style, 0.0 = the teacher's), with the step's teacher KL,
+    gradient norm and learning rate from metrics.jsonl. The collapse study reads the style transition off it."""
+    import sample
+    import toy
+
+    metrics = {m["step"]: m for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "opd/teacher_kl" in m}
+    rows = toy.read_jsonl(world / "test.jsonl")[:num_prompts]
+    cap = toy.train_defaults(world)["max_new_tokens"]
+    curve = []
+    for ckpt in [world / "student"] + sorted(run_dir.glob("ckpt-*")):
+        step = int(ckpt.name.split("-")[1]) if ckpt.name.startswith("ckpt-") else 0
+        model, tok = sample.load_policy(str(ckpt))
+        m = metrics.get(step, {})
+        curve.append({"step": step, **toy.style_report(model, tok, rows, cap),
+                      **{k: m.get(key) for k, key in (("teacher_kl", "opd/teacher_kl"), ("grad_norm", "grad_norm"),
+                                                       ("lr", "lr"))}})
+    return curve
+
+
+def teacher_on_student_prefixes(world: Path, num_prompts: int = 400) -> dict:
+    """Does the teacher cope with the student's style? The undistilled student's greedy held-out responses, cut
+    after a correct first step written in its own style (separator included), are continued greedily by the
+    teacher: its accuracy from those prefixes, next to its accuracy from the bare prompts of the same problems and
+    the student's own. A teacher that broke down after the student's style would teach the student garbage from
+    every state OPD visits."""
+    import torch
+
+    import eval_aime
+    import sample
+    import toy
+
+    rows = toy.read_jsonl(world / "test.jsonl")[:num_prompts]
+    cap = toy.train_defaults(world)["max_new_tokens"]
+    student, tok = sample.load_policy(str(world / "student"))
+    teacher, _ = sample.load_policy(str(world / "teacher"))
+    greedy = sample.SamplingConfig(temperature=0.0, max_new_tokens=cap)
+    _, records = eval_aime.evaluate(student, tok, toy.as_problems(rows), k=1, sampling=greedy,
+                                    batch_size=toy.EVAL_BATCH, instruction=False, chat_template=False,
+                                    integer_range=None)
+    prefixes, kept = [], []
+    for record in records:
+        i, text = int(record["id"]), record["response"]
+        first = next(toy.STEP.finditer(text), None)
+        problem = toy.parse_prompt(rows[i]["prompt"])
+        if first is None or first.start() != 0 or len(problem.operands) < 3:
+            continue
+        _, error = toy.label_tokens(problem, list(text[:first.end()]))
+        if error is None and text[first.end() - 1] == toy.STUDENT_SEP:  # a correct first step, the student's ","
+            prefixes.append(rows[i]["prompt"] + text[:first.end()])
+            kept.append(i)
+    ids, _ = sample.encode_prompts(tok, prefixes)
+    with torch.no_grad():
+        ro = sample.sample_rollouts(teacher, ids, sampling=greedy, eos_ids=[toy.EOS_ID], pad_id=toy.PAD_ID,
+                                    generator=sample.make_generator(0, device="cpu"))
+    right = sum(eval_aime.is_correct(eval_aime.extract_answer(tok.decode(
+        ro.response_ids[b][ro.response_mask[b].bool()], skip_special_tokens=True)), rows[i]["answer"], None)
+        for b, i in enumerate(kept))
+    return {"prefixes": len(kept), "teacher_from_student_prefixes": right / max(len(kept), 1),
+            "teacher_from_prompt": toy.accuracy(teacher, tok, [rows[i] for i in kept], max_new_tokens=cap),
+            "student": sum(records[i]["correct"] for i in kept) / max(len(kept), 1)}
+
+
+def style_curve_markdown(name: str, curve: list[dict]) -> list[str]:
+    lines = [f"{name}:", "", "| step | accuracy | \",\" share | \"b+acc\" share | teacher KL | grad norm | lr |",
+             "|---|---|---|---|---|---|---|"]
+    for c in curve:
+        def num(key, fmt):
+            return "-" if c.get(key) is None else format(c[key], fmt)
+        lines.append(f"| {c['step']} | {c['accuracy']:.1%} | {c['comma_share']:.2f} | {c['swap_share']:.2f} | "
+                     f"{num('teacher_kl', '.3f')} | {num('grad_norm', '.2f')} | {num('lr', '.1e')} |")
+    return lines
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only backend, or None when matplotlib is not installed (it is optional)."""
     try:
@@ -372,6 +449,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "these seeds, a subset of --seeds (default: all of them; a probe run costs ~2.5x a window run)")
     p.add_argument("--probe-knobs", nargs="+", default=list(SWEEP), choices=list(SWEEP),
                    help="--sweep: the knobs swept under the probe (default: all of them)")
+    p.add_argument("--curve", nargs="+", default=None, metavar="RUN_DIR", help="instead of running anything: the "
+                   "style curve of finished runs (accuracy and style shares at each saved checkpoint, style_curve)")
     p.add_argument("train_args", nargs="*", help="extra train.py flags after --, e.g. -- --lr 5e-4")
     args = p.parse_args(argv)
     args.selected = ROWS if args.rows is None else [tuple(r.split(":")) for r in args.rows]
@@ -413,6 +492,13 @@ def main(argv=None):
                       else toy.ToyConfig())
     identity = world_check(world, "long" if args.long else "fast" if args.smoke else "default")
     print(identity, flush=True)
+    if args.curve:
+        lines = []
+        for run_dir in map(Path, args.curve):
+            lines += style_curve_markdown(str(run_dir), style_curve(world, run_dir)) + [""]
+        (out / "style-curves.md").write_text("\n".join(lines))
+        print("\n".join(lines))
+        return {"curves": lines}
     t_start = time.time()
     if args.sweep:
         return {"sweep": sweep(world, out, args), "minutes_total": (time.time() - t_start) / 60}

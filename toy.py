@@ -293,6 +293,45 @@ def style_after_error(problem: Problem, tokens: list[str], labels: list[str], fi
         previous, pos = result, m.end()
 
 
+def style_counts(problem: Problem, text: str) -> dict:
+    """How a response writes the long world's two style kinds, over its chain of steps from the start:
+    {"commas": separators written "," (the student's; the teacher writes ";"), "separators": separators,
+     "swapped": additions written "b+acc=" (the student's order), "additions": additions that have two orders}.
+    Example, prompt 51+74+2=? (15 + 47 + 2; the teacher writes "51+74=26;26+2=46;\\boxed{64}"):
+    "74+51=26,26+2=46;\\boxed{64}" -> commas 1 of 2 separators, swapped 1 of 2 additions."""
+    counts = dict(commas=0, separators=0, swapped=0, additions=0)
+    previous, pos = rev(problem.operands[0]), 0
+    for k, m in enumerate(STEP.finditer(text)):
+        if k + 1 >= len(problem.operands) or m.start() != pos:  # the chain of steps ends here
+            break
+        a, op, b, result, sep = m.groups()
+        counts["separators"] += 1
+        counts["commas"] += sep == STUDENT_SEP
+        if op == "+" and a != b:
+            counts["additions"] += 1
+            counts["swapped"] += a != previous
+        previous, pos = result, m.end()
+    return counts
+
+
+def style_report(model, tokenizer, rows, max_new_tokens: int) -> dict:
+    """Greedy held-out accuracy of `model` and the shares of its style choices over those responses:
+    {"accuracy", "comma_share" (of separators), "swap_share" (of additions)}: where the student is between its own
+    style (1.0 and 1.0 for the long world's) and the teacher's (0.0)."""
+    from eval_aime import evaluate
+    from sample import SamplingConfig
+
+    summary, records = evaluate(model, tokenizer, as_problems(rows), k=1, batch_size=EVAL_BATCH,
+                                sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
+                                instruction=False, chat_template=False, integer_range=None)
+    total = dict(commas=0, separators=0, swapped=0, additions=0)
+    for record in records:
+        for k, v in style_counts(parse_prompt(rows[int(record["id"])]["prompt"]), record["response"]).items():
+            total[k] += v
+    return {"accuracy": summary["avg@k"], "comma_share": total["commas"] / max(total["separators"], 1),
+            "swap_share": total["swapped"] / max(total["additions"], 1)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Models and supervised training
 # ----------------------------------------------------------------------------------------------------------------
@@ -590,12 +629,14 @@ def thread_count(requested: int = 0, share: int = 1) -> int:
 
 
 def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: bool = False, log=say,
-          verbose_log=None) -> dict:
+          verbose_log=None, teacher_from: str | Path | None = None) -> dict:
     """Build (or reuse) the world in `out`: tokenizer, teacher/, student/, train.jsonl, test.jsonl, build.json.
 
     verbose_log, when given, receives one line per student evaluation (the set-point stop).
     Reuse happens when build.json exists and records the same ToyConfig. Everything is written into a temporary
     sibling folder and renamed at the end, so an interrupted build never leaves a half world behind.
+    teacher_from: a built world whose teacher this one shares (a STUDENT variant of it: every knob but the
+    student_* ones must be equal); its teacher is copied instead of trained again (an hour for the long world).
     """
     cfg = cfg or ToyConfig()
     out = Path(out)
@@ -609,7 +650,17 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
     log(f"building the toy world into {out} with {torch.get_num_threads()} thread(s): the teacher's SFT, the student's "
         f"SFT to its {cfg.student_target:.0%} set point, then both models' held-out accuracy")
     data, tokenizer = world_data(cfg), build_tokenizer()
-    teacher = build_teacher(cfg, data, tokenizer, log=verbose_log, progress_log=log)
+    if teacher_from is not None:
+        base = asdict(config_of(teacher_from))
+        differ = [k for k, v in asdict(cfg).items() if not k.startswith("student_") and base[k] != v]
+        if differ:
+            raise ValueError(f"--teacher-from {teacher_from}: a student variant may change only student_* knobs, "
+                             f"not {differ}")
+        from transformers import AutoModelForCausalLM
+        teacher = AutoModelForCausalLM.from_pretrained(Path(teacher_from) / "teacher").eval()
+        log(f"the teacher is {teacher_from}'s, copied; only the student is trained")
+    else:
+        teacher = build_teacher(cfg, data, tokenizer, log=verbose_log, progress_log=log)
     t1 = time.time()
     student, student_steps = build_student(cfg, data, tokenizer, log=verbose_log, progress_log=log)
     t2 = time.time()
@@ -637,6 +688,8 @@ def build(out: str | Path = "runs/toy", cfg: ToyConfig | None = None, force: boo
     write_prompts(tmp / "train.jsonl", data.train)
     write_prompts(tmp / "test.jsonl", data.test)
     info["world_hash"] = world_hash_of(info["weights_sha256"])
+    if teacher_from is not None:
+        info["teacher_from"] = {"world": str(teacher_from), "world_hash": world_hash(teacher_from)}
     (tmp / "build.json").write_text(json.dumps(info, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -971,6 +1024,10 @@ def main(argv=None):
                         "kinds of style, where style is ~30%% of the high-loss tokens")
     parser.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     parser.add_argument("--report", action="store_true", help="detector report on the built student's rollouts")
+    parser.add_argument("--student-variant", nargs="+", default=None, metavar="KNOB=VALUE",
+                        help="a world that shares --teacher-from's teacher with a student trained with these student_* "
+                        "knobs changed, e.g. student_swap_rate=0.5 student_other_sep_rate=0.5")
+    parser.add_argument("--teacher-from", default=None, help="the built world whose teacher a --student-variant shares")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: $OMP_NUM_THREADS when set, "
                         "else every core); the count changes the world built, recorded in build.json with its hash")
     args = parser.parse_args(argv)
@@ -979,7 +1036,15 @@ def main(argv=None):
         parser.error("--fast and --long are two different worlds: give one")
     cfg = ToyConfig(**FAST) if args.fast else ToyConfig(**LONG) if args.long else ToyConfig()
     out = args.out or ("runs/toy-fast" if args.fast else "runs/toy-long" if args.long else "runs/toy")
-    info = build(out, cfg, force=args.force, verbose_log=say)
+    if args.student_variant:
+        if not args.teacher_from or not args.out:
+            parser.error("--student-variant needs --teacher-from (the world whose teacher it shares) and --out")
+        overrides = dict(kv.split("=", 1) for kv in args.student_variant)
+        fields = {f: type(getattr(cfg, f)) for f in asdict(cfg)}
+        if any(k not in fields or not k.startswith("student_") for k in overrides):
+            parser.error(f"--student-variant takes student_* knobs of ToyConfig, got {sorted(overrides)}")
+        cfg = ToyConfig(**{**asdict(config_of(args.teacher_from)), **{k: fields[k](v) for k, v in overrides.items()}})
+    info = build(out, cfg, force=args.force, verbose_log=say, teacher_from=args.teacher_from)
     a = info["accuracy"]
     print(f"toy world in {out} ({info['seconds']['total']} s to build at {info.get('threads', '?')} thread(s); params "
           f"teacher {info['params']['teacher']:,}, student {info['params']['student']:,}; world hash {world_hash(out)})")

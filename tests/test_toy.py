@@ -309,12 +309,25 @@ def test_a_build_logging_to_a_file_is_never_silent_for_long(tmp_path, monkeypatc
 
     monkeypatch.setattr(toy, "sft_batch", timed_batch)
     monkeypatch.setattr(toy, "accuracy", timed_accuracy)
+    toy.make_model(toy.ToyConfig(**toy.FAST), 1, 0)  # transformers' model import, a one-off unit, before the clock
 
-    cfg = toy.ToyConfig(**{**toy.FAST, "teacher_steps": 300, "student_steps": 120, "student_eval_from": 20,
-                           "num_test_prompts": 60, "num_train_prompts": 200, "student_target": 0.99})
+    cfg = toy.ToyConfig(**{**toy.FAST, "teacher_steps": 150, "student_steps": 60, "student_eval_from": 20,
+                           "num_test_prompts": 40, "num_train_prompts": 100, "student_target": 0.99})
     start = time.time()
     toy.build(tmp_path / "world", cfg, log=log, verbose_log=log)
     gaps = [b - a for a, b in zip([start] + stamps, stamps)]
     assert max(gaps) <= 0.5 + max(units) + 0.25, (max(gaps), max(units), lines)
     assert any(line.startswith("teacher SFT: ") and "| loss " in line and "steps/s" in line for line in lines)
     assert any(line.startswith("student SFT: ") for line in lines) and "toy world built" in lines[-1]
+
+
+def test_style_counts_follow_the_chain_of_steps():
+    """The collapse study's style measure: separators written "," and additions written "b+acc", counted over the
+    response's chain of steps (a step that does not continue the chain ends the count)."""
+    problem = toy.parse_prompt("51+74+2=?\n")  # 15 + 47 + 2
+    assert toy.canonical_response(problem) == "51+74=26;26+2=46;\\boxed{64}"
+    assert toy.style_counts(problem, "74+51=26,26+2=46;\\boxed{64}") == dict(commas=1, separators=2, swapped=1,
+                                                                           additions=2)
+    assert toy.style_counts(problem, "74+51=26,2+26=46,\\boxed{64}") == dict(commas=2, separators=2, swapped=2,
+                                                                           additions=2)
+    assert toy.style_counts(problem, "51+74=26;\\boxed{26}")["separators"] == 1  # an early stop: one step counted
