@@ -41,7 +41,8 @@ import parallel
 # method half-way, so resume refuses it.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "stop_at_step", "eval_every", "save_every", "keep_checkpoints",
                      "log_every", "logp_check_every", "max_bad_steps", "self_check", "device", "chunk_size",
-                     "gradient_checkpointing", "sync_every_backward"}
+                     "gradient_checkpointing", "sync_every_backward", "decode", "dist_timeout", "eval_batch_tokens",
+                     "unshard_rollouts"}
 
 
 def resume_differences(saved: dict, cfg) -> list[str]:

@@ -254,6 +254,9 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 # The decoding loop
 # ----------------------------------------------------------------------------------------------------------------
 
+DECODE_MODES = ("eager", "compiled")
+
+
 @dataclass
 class SamplingConfig:
     """Every setting that shapes the sampling distribution, always passed explicitly (trap 2)."""
@@ -264,10 +267,13 @@ class SamplingConfig:
     vocab_size: int | None = None  # the TOKENIZER's size: columns at or past it get probability 0 (None = all)
     lockstep: bool = False     # decode until the rows of EVERY rank have ended: required when the model is sharded
                                # (FSDP: each forward is a collective, see parallel.py); costs one tiny all-reduce
+    decode: str = "eager"      # how, not what: eager = transformers' forward over a growing cache (the readable
+                               # reference); compiled = a preallocated cache and a torch.compile'd one-token step
+                               # (CUDA graphs on a GPU). Both draw the same tokens (see "Compiled decoding" below)
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.max_new_tokens < 1 \
-                or (self.vocab_size is not None and self.vocab_size < 1):
+                or (self.vocab_size is not None and self.vocab_size < 1) or self.decode not in DECODE_MODES:
             raise ValueError(f"invalid sampling settings: {self}")
 
 
@@ -339,6 +345,9 @@ def _full_weight(inner, head_module) -> torch.Tensor:
     return weight
 
 
+_IDENTITY = torch.nn.Identity()
+
+
 @contextlib.contextmanager
 def hidden_states_out(model):
     """Within this block, model(...).logits holds the final hidden states (what the LM head would read) instead of
@@ -355,7 +364,7 @@ def hidden_states_out(model):
                                                                    (inner, "logit_scale"), (config, "logits_scaling"))
                 if getattr(obj, name, None) is not None]
     transform = _logit_transform(inner)  # read before it is switched off
-    inner.set_output_embeddings(torch.nn.Identity())
+    inner.set_output_embeddings(_IDENTITY)  # one shared instance: a compiled step sees the same module every call
     for obj, name, _ in switched:
         setattr(obj, name, None if name == "final_logit_softcapping" else 1.0)
     try:
@@ -404,27 +413,29 @@ def _draw(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator)
 
 
 @torch.no_grad()
-def _decode(model, to_head, cache, first_hidden, attention_mask, next_position, num_steps, cfg, generator, eos_ids,
-            pad_id, keep_hidden: bool = False):
+def _decode(step, to_head, first_hidden, next_position, num_steps, cfg, generator, eos_ids, pad_id,
+            keep_hidden: bool = False):
     """KV-cached sampling of up to num_steps tokens after a prefilled cache.
 
-    The model runs inside hidden_states_out: its forward returns final hidden states, and each draw uses the fp32
-    logits of to_head(hidden) (fused_kernels.Head: the head's matmul in fp32, the family's logit transform). The
-    sampler's log-probs therefore come from fp32 logits like every score they are compared with (the probe's
-    margins, the sampler-vs-learner check): a bf16 model's own logits would round them by up to ~0.1 nats.
-    first_hidden (N, d) predicts the first new token; attention_mask (N, W) covers what is in the cache;
-    next_position (N,) is the position id of the first new token. Returns tokens (N, S), their sampler log-probs
-    (N, S), the valid mask (N, S): 1 up to and including the first EOS, 0 after (rows that finished keep being fed
-    `pad_id`, which nothing ever attends to through the mask), and (keep_hidden) the S hidden states (N, d) that
-    predicted them, else []. S <= num_steps: decoding stops early once every row has ended (with cfg.lockstep:
-    every row of every rank, so that all ranks run the same number of forwards).
+    step(token (N,), attend (N,) bool, position (N,)) -> (N, d) feeds one token per row to the model and returns the
+    final hidden states that predict the next one (_GrowingCache, the eager reference, or _StaticCache, compiled);
+    `attend` is False for rows that have ended, whose new column the model must then never attend to. The model
+    runs inside hidden_states_out, and each draw uses the fp32 logits of to_head(hidden) (fused_kernels.Head: the
+    head's matmul in fp32, the family's logit transform). The sampler's log-probs therefore come from fp32 logits like
+    every score they are compared with (the probe's margins, the sampler-vs-learner check): a bf16 model's own logits
+    would round them by up to ~0.1 nats.
+    first_hidden (N, d) predicts the first new token; next_position (N,) is the position id of the first new token.
+    Returns tokens (N, S), their sampler log-probs (N, S), the valid mask (N, S): 1 up to and including the first
+    EOS, 0 after (rows that finished keep being fed `pad_id`, which nothing ever attends to), and (keep_hidden) the
+    S hidden states (N, d) that predicted them, else []. S <= num_steps: decoding stops early once every row has
+    ended (with cfg.lockstep: every row of every rank, so that all ranks run the same number of forwards).
     """
     eos = torch.as_tensor(eos_ids, device=first_hidden.device)
     done = torch.zeros(first_hidden.shape[0], dtype=torch.bool, device=first_hidden.device)
     tokens, logps, valid, kept = [], [], [], []
     hidden = first_hidden
     finished = False  # every row of THIS rank has ended (under lockstep another rank may still be decoding)
-    for step in range(num_steps):
+    for i in range(num_steps):
         if finished:  # lockstep only: feed padding, draw nothing, so the random stream is the one without lockstep
             token, logp = torch.full_like(done, pad_id, dtype=torch.long), torch.zeros(done.shape, device=done.device)
         else:
@@ -437,12 +448,143 @@ def _decode(model, to_head, cache, first_hidden, attention_mask, next_position, 
         logps.append(logp)
         done = done | torch.isin(token, eos)
         finished = bool(done.all())  # one host sync per token, as in HF generate
-        if step == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep):
+        if i == num_steps - 1 or not parallel.any_rank(not finished, cfg.lockstep):
             break  # (under lockstep: one all-reduce of a single flag per token, "is any rank still decoding?")
-        attention_mask = torch.cat([attention_mask, (~done).long()[:, None]], dim=-1)  # finished rows: masked
-        hidden = model_step(model, token[:, None], attention_mask, next_position[:, None], cache)[:, -1]  # (N, d)
+        hidden = step(token, ~done, next_position)  # (N, d); finished rows' new column masked
         next_position = next_position + 1
     return torch.stack(tokens, 1), torch.stack(logps, 1), torch.stack(valid, 1).long(), kept
+
+
+class _GrowingCache:
+    """The eager decoding step, the readable reference: the model's own forward over one new token per row, with
+    transformers' DynamicCache growing by one column per step and the attention mask concatenated to match.
+    cache holds attention_mask.shape[1] columns; each call appends one."""
+
+    def __init__(self, model, cache, attention_mask: torch.Tensor):
+        self.model, self.cache, self.attention_mask = model, cache, attention_mask
+
+    def __call__(self, token, attend, position) -> torch.Tensor:
+        self.attention_mask = torch.cat([self.attention_mask, attend.long()[:, None]], dim=-1)  # (N, W + 1)
+        return model_step(self.model, token[:, None], self.attention_mask, position[:, None], self.cache)[:, -1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled decoding (SamplingConfig.decode = "compiled"): a preallocated cache and one compiled one-token step
+# ----------------------------------------------------------------------------------------------------------------
+#
+# Eager decoding runs transformers' forward in Python for every token: dozens of small kernel launches per layer and
+# a cache that grows by concatenation. Compiled decoding keeps the same model, the same left padding, position ids
+# and masks, and the same draws from the same fp32 logits, and changes only how each one-token forward runs:
+#   * the KV cache is transformers' StaticCache, preallocated for the rollout's longest length: the same column
+#     layout as the eager cache ([left-padded prompt | response]), so the probe cuts its states out of it in the same
+#     way (cache_rows), with the columns not yet written masked out;
+#   * the step is the model's decoder (no LM head: the fused head computes the fp32 logits) under torch.compile,
+#     mode="reduce-overhead" on CUDA (CUDA graphs: one launch per token), inductor's C++ code on the CPU;
+#   * shapes are bucketed, rows to a power of two and cache columns to a multiple of 64, so that a run compiles a
+#     handful of times, not at every step; the padding rows attend to one column, are never drawn from, and never
+#     touch the real rows (every operation of a decoder is per row).
+# The draws are exact: the real rows' logits differ from eager only by float summation order (~1e-7 in fp32), and
+# only the real rows are drawn from, in the same order, so the same generator gives the same ids (tested).
+
+_COMPILED_STEPS: dict = {}  # device type -> the compiled one-token step
+
+
+def _one_token(model, cache_kw: str, token, attention_mask, position, cache_position, cache):
+    """One token per row through the model inside hidden_states_out (its LM head an identity: the output is the final
+    hidden states), writing its keys and values into the static cache. Returns the hidden states (B, d). The whole
+    model, not only its decoder, is called so that FSDP's hooks on the root run as in any forward."""
+    return model(input_ids=token, attention_mask=attention_mask, position_ids=position, cache_position=cache_position,
+                 use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
+
+
+def _compiled_step(device: torch.device):
+    if device.type not in _COMPILED_STEPS:
+        import torch._dynamo
+
+        # one compiled graph per (model, rows bucket, columns bucket): room for both models and a few buckets each
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _COMPILED_STEPS[device.type] = torch.compile(
+            _one_token, mode="reduce-overhead" if device.type == "cuda" else None)
+    return _COMPILED_STEPS[device.type]
+
+
+def row_bucket(n: int) -> int:
+    """Rows of a compiled step: the next power of two (a few shapes over a whole run)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def column_bucket(n: int) -> int:
+    """Columns of a static cache: the next multiple of 64."""
+    return -(-n // 64) * 64
+
+
+def laid_out_tokens(rows: int, columns: int, decode: str) -> int:
+    """KV-cache tokens that a decoding batch of rows x columns really holds: that product in eager decoding, the
+    buckets' product in compiled decoding (topd.state_chunks bounds the probe's caches by it)."""
+    return rows * columns if decode == "eager" else row_bucket(rows) * column_bucket(columns)
+
+
+class _StaticCache:
+    """The compiled decoding step over a StaticCache of B rows x L columns (buckets; the first n rows are real).
+    mask (B, L) is the attention mask over every column, updated in place as columns are written; `written` is the
+    number of columns the cache already holds."""
+
+    def __init__(self, model, cache, mask: torch.Tensor, written: int, rows: int):
+        self.model, self.cache, self.mask, self.column, self.rows = model, cache, mask, written, rows
+        self.cache_kw, self.step = cache_kwarg(model), _compiled_step(mask.device)
+
+    def __call__(self, token, attend, position) -> torch.Tensor:
+        n, pad = self.rows, self.mask.shape[0] - self.rows
+        if self.column >= self.mask.shape[1]:
+            raise RuntimeError(f"static cache of {self.mask.shape[1]} columns is full")
+        self.mask[:n, self.column] = attend.long()
+        self.mask[n:, self.column] = 1  # padding rows attend to their own new column: never an all-masked row
+        token = torch.cat([token, token.new_zeros(pad)]) if pad else token
+        position = torch.cat([position, position.new_zeros(pad)]) if pad else position
+        hidden = self.step(self.model, self.cache_kw, token[:, None], self.mask, position[:, None],
+                           torch.tensor([self.column], device=self.mask.device), self.cache)
+        self.column += 1
+        return hidden[:n]
+
+
+def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int):
+    """Prefill for compiled rollouts: a StaticCache of row_bucket(B) x column_bucket(P + new_tokens), the left-padded
+    prompts (B, P) written into its first P columns. Returns (the step, the prompts' last hidden states (B, d))."""
+    from transformers import StaticCache
+
+    B, P = ids.shape
+    rows, columns = row_bucket(B), column_bucket(P + new_tokens)
+    full = torch.zeros(rows, columns, dtype=torch.long, device=ids.device)  # (rows, L) the mask over every column
+    full[:B, :P] = mask
+    full[B:, P - 1] = 1  # padding rows: one attended column (a pad token), never an all-masked row
+    padded = torch.cat([ids, ids.new_zeros(rows - B, P)]) if rows > B else ids
+    positions = position_ids_from_mask(full[:, :P])
+    cache = StaticCache(config=model.config, max_cache_len=columns)
+    extra = {cache_kwarg(model): cache}
+    hidden = model(input_ids=padded, attention_mask=full, position_ids=positions, use_cache=True, logits_to_keep=1,
+                   cache_position=torch.arange(P, device=ids.device), **extra).logits[:B, -1]  # (B, d): hidden
+    return _StaticCache(model, cache, full, P, B), hidden
+
+
+def _static_prefix_cache(model, cache, mask: torch.Tensor, new_tokens: int):
+    """Compiled continuations from encoded states: their (n, W) DynamicCache copied into a StaticCache of
+    row_bucket(n) x column_bucket(W + new_tokens) (the prefix in its first W columns, every layer). Returns the step."""
+    from transformers import StaticCache
+
+    n, W = mask.shape
+    rows, columns = row_bucket(n), column_bucket(W + new_tokens)
+    full = torch.zeros(rows, columns, dtype=torch.long, device=mask.device)
+    full[:n, :W] = mask
+    static = StaticCache(config=model.config, max_cache_len=columns)
+    for i, layer in enumerate(getattr(cache, "layers", [])):
+        if W and getattr(layer, "is_initialized", True):
+            keys, values = layer.keys[:, :, :W], layer.values[:, :, :W]
+            pad = rows - n
+            if pad:
+                keys = torch.cat([keys, keys.new_zeros((pad,) + keys.shape[1:])])
+                values = torch.cat([values, values.new_zeros((pad,) + values.shape[1:])])
+            static.update(keys, values, i)
+    return _StaticCache(model, static, full, W, n)
 
 
 @dataclass
@@ -485,11 +627,15 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
     keep_cache: return the KV cache that sampling built anyway (for probing from states of these rollouts)."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
-    cache = new_cache(model)
     with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
-        last = model_step(model, ids, mask, position_ids_from_mask(mask), cache, logits_to_keep=1)[:, -1]  # (B, d)
-        tokens, logps, valid, _ = _decode(model, to_head, cache, last, mask, mask.sum(-1), sampling.max_new_tokens,
-                                          sampling, generator, eos_ids, pad_id)  # (B, R) each
+        if sampling.decode == "compiled":
+            step, last = _static_rollout_cache(model, ids, mask, sampling.max_new_tokens)
+        else:
+            step = _GrowingCache(model, new_cache(model), mask)
+            last = model_step(model, ids, mask, position_ids_from_mask(mask), step.cache, logits_to_keep=1)[:, -1]
+        tokens, logps, valid, _ = _decode(step, to_head, last, mask.sum(-1), sampling.max_new_tokens, sampling,
+                                          generator, eos_ids, pad_id)  # (B, R) each
+    cache = step.cache
     eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
                     prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
@@ -575,17 +721,18 @@ def cache_rows(cache, rows: torch.Tensor, width: int, repeats: int = 1):
     `cache`. Only those rows and columns are copied, one gather per layer: at 16k-token prefixes a deep copy of a
     whole batch's cache (then cut) would cost gigabytes per probed micro-batch.
 
-    Sliding-window caches keep their own layer types (a copy, then HF's own row operations); they are never cut to
-    fewer columns here (prefixes_from_cache re-encodes their states instead).
+    A compiled rollout's StaticCache has the same column layout (its columns past the rollout were never written and
+    are never copied), so it is cut the same way, into a DynamicCache. Sliding-window caches keep their own layer
+    types (a copy, then HF's own row operations); they are never cut to fewer columns here (prefixes_from_cache
+    re-encodes their states instead).
     """
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
     index = rows.repeat_interleave(repeats) if repeats > 1 else rows
     layers = getattr(cache, "layers", [])
     if width == 0 or not layers or not getattr(layers[0], "is_initialized", True):
         return DynamicCache()  # nothing cached yet: an empty cache that the next forward fills
-    if any(type(layer) is not DynamicLayer for layer in layers):
+    if not all(_cuttable(layer) for layer in layers):
         out = copy.deepcopy(cache)
         out.batch_select_indices(index)
         return out
@@ -593,6 +740,14 @@ def cache_rows(cache, rows: torch.Tensor, width: int, repeats: int = 1):
     for i, layer in enumerate(layers):
         out.update(layer.keys[index, :, :width], layer.values[index, :, :width], i)
     return out
+
+
+def _cuttable(layer) -> bool:
+    """A cache layer that holds one key/value column per token, every column from the first: the eager DynamicLayer
+    and the compiled StaticLayer (not their sliding-window kinds, nor recurrent states)."""
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+
+    return type(layer) in (DynamicLayer, StaticLayer)
 
 
 def check_prefix_cache(model, cut: bool = False) -> None:
@@ -640,8 +795,8 @@ def prefixes_from_cache(cache, rollouts: Rollouts, rows: torch.Tensor, ts: torch
     """
     P = rollouts.prompt_width
     width = P + int(ts.max()) - 1  # cached columns needed: everything before each state's last token
-    from transformers.cache_utils import DynamicLayer
-    if any(not isinstance(layer, DynamicLayer) for layer in getattr(cache, "layers", [])):
+    from transformers.cache_utils import DynamicLayer, StaticLayer
+    if any(not isinstance(layer, (DynamicLayer, StaticLayer)) for layer in getattr(cache, "layers", [])):
         raise ValueError(f"a cache with {sorted({type(l).__name__ for l in cache.layers})} layers cannot be cut to "
                          "a prefix (see check_prefix_cache)")
     sliding = getattr(cache, "is_sliding", False)
@@ -701,11 +856,12 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     Only `horizon` and the EOS ids bound a continuation (sampling.max_new_tokens is not used here).
     """
     cache, mask, last, pos = prefixes.repeated(k)  # N*K rows
-    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    step = (_static_prefix_cache(model, cache, mask, horizon + 1) if sampling.decode == "compiled"
+            else _GrowingCache(model, cache, mask))
     with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
-        first = model_step(model, last[:, None], mask, pos[:, None], cache)[:, -1]  # (N*K, d)
-        tokens, logps, valid, kept = _decode(model, to_head, cache, first, mask, pos + 1, horizon, sampling, generator,
-                                             eos_ids, pad_id, keep_hidden=keep_hidden)
+        first = step(last, torch.ones_like(last, dtype=torch.bool), pos)  # (N*K, d): the state's last token fed
+        tokens, logps, valid, kept = _decode(step, to_head, first, pos + 1, horizon, sampling, generator, eos_ids,
+                                             pad_id, keep_hidden=keep_hidden)
         # S <= horizon columns: decoding stopped once every continuation had ended, and nothing downstream needs the
         # all-padding tail (scoring it would be wasted work: a toy continuation often ends long before H)
         shape = (len(prefixes), k, tokens.shape[1])

@@ -468,7 +468,8 @@ class Detection:
 @torch.no_grad()
 def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, cfg: TOPDConfig, *, special_ids,
            pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
-           windows_generator: torch.Generator | None = None, teacher_cache=None, lockstep: bool = False) -> Detection:
+           windows_generator: torch.Generator | None = None, teacher_cache=None, lockstep: bool = False,
+           decode: str = "eager") -> Detection:
     """Sec. 2-3 and the windows of sec. 5 for one micro-batch: candidates, D, the threshold rule, and (topd mode) the
     teacher's windows at the divergent states. The models must be in eval() (sample.eval_mode).
 
@@ -489,7 +490,7 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
         probe = probe_divergence(student, teacher, rollouts, candidates, k=cfg.probe_samples, horizon=cfg.horizon,
                                  pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size, generator=generator,
                                  keep_teacher_windows=probe_makes_windows, teacher_cache=teacher_cache,
-                                 max_tokens=cfg.probe_tokens, lockstep=lockstep)
+                                 max_tokens=cfg.probe_tokens, lockstep=lockstep, decode=decode)
         scores = probe.scores
     else:
         scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
@@ -500,7 +501,8 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
                                   horizon=cfg.window_horizon, pad_id=pad_id, eos_ids=eos_ids, vocab_size=vocab_size,
                                   generator=windows_generator or generator,
                                   probe=probe if probe_makes_windows else None,
-                                  teacher_cache=teacher_cache, lockstep=lockstep, max_tokens=cfg.probe_tokens)
+                                  teacher_cache=teacher_cache, lockstep=lockstep, max_tokens=cfg.probe_tokens,
+                                  decode=decode)
     return Detection(candidates=candidates, scores=scores, divergent=divergent, windows=windows)
 
 
@@ -523,7 +525,8 @@ def state_prefixes(model, rollouts: sample.Rollouts, rows, ts, cache, pad_id) ->
     return enc
 
 
-def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int) -> list[torch.Tensor]:
+def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int,
+                 decode: str = "eager") -> list[torch.Tensor]:
     """Consecutive groups of states whose KV caches, as they are really laid out, hold at most max_tokens tokens.
 
     A chunk of n states is sampled from one cache of n * k rows (each continuation needs its own copy of its state's
@@ -531,13 +534,15 @@ def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int) ->
     n * k * (max width + horizon) cached tokens per model (147 KB per token for Qwen3-4B in bf16). widths (N,) are
     the states' cached prefix widths (the rollout batch's prompt width + t when cut from its cache). At the toy's
     30-token prefixes every state of a micro-batch fits in one chunk; at 16k-token prefixes the default (65536)
-    probes one state at a time. A state whose own cache exceeds the budget gets a chunk of its own.
+    probes one state at a time. A state whose own cache exceeds the budget gets a chunk of its own. Compiled decoding
+    pads rows and columns to its buckets (sample.laid_out_tokens), and the bound counts the padded layout.
     Example: widths [10, 20, 30, 5], k 2, horizon 0, max 100 -> [[0, 1], [2], [3]]
              ([0, 1]: 2 x 2 x 20 = 80; adding 2 would make 3 x 2 x 30 = 180; [2, 3]: 2 x 2 x 30 = 120 > 100).
     """
     chunks, current, widest = [], [], 0
     for i, width in enumerate(widths.tolist()):
-        if current and (len(current) + 1) * k * (max(widest, width) + horizon) > max_tokens:
+        if current and sample.laid_out_tokens((len(current) + 1) * k, max(widest, width) + horizon,
+                                              decode) > max_tokens:
             chunks.append(current)
             current, widest = [], 0
         current.append(i)
@@ -551,7 +556,7 @@ def state_chunks(widths: torch.Tensor, k: int, horizon: int, max_tokens: int) ->
 def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: torch.Tensor, *, k: int, horizon: int,
                      pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
                      keep_teacher_windows: bool = False, teacher_cache=None,
-                     max_tokens: int = 65536, lockstep: bool = False) -> Probe:
+                     max_tokens: int = 65536, lockstep: bool = False, decode: str = "eager") -> Probe:
     """`--detector probe` (sec. 3): from each candidate state s_t, K continuations of H tokens by each model;
     each continuation's margin mu = mean_j [log pi_T - log pi_theta]; D = W1(sorted margins).
 
@@ -568,8 +573,9 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     probe = Probe(scores=scores)
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
-    chunks = state_chunks(rollouts.prompt_width + ts, k, horizon, max_tokens) if len(where) else []
-    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)  # the policies
+    chunks = state_chunks(rollouts.prompt_width + ts, k, horizon, max_tokens, decode) if len(where) else []
+    probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep,  # the policies
+                                           decode=decode)
     for i in range(parallel.max_over_ranks(len(chunks), lockstep)):
         chunk = chunks[i] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), result dropped
         state_rows, state_ts = (rows[chunk], ts[chunk]) if chunk is not None else _stand_in_state(candidates.device)
@@ -600,7 +606,7 @@ def _stand_in_state(device) -> tuple[torch.Tensor, torch.Tensor]:
 def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, divergent, *, k: int, horizon: int,
                     pad_id: int, eos_ids, vocab_size: int | None, generator: torch.Generator,
                     probe: Probe | None = None, teacher_cache=None, lockstep: bool = False,
-                    max_tokens: int = 65536) -> list[Windows]:
+                    max_tokens: int = 65536, decode: str = "eager") -> list[Windows]:
     """The guidance windows of sec. 5 at the divergent states, as a list of Windows (empty when no state is
     divergent): one per chunk of states (a probe chunk that has a divergent state, or a chunk of the window
     detector's divergent states).
@@ -623,8 +629,8 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
         return windows
     picked = torch.nonzero(is_divergent).squeeze(-1)  # the divergent states, in `where` order
     # in chunks of at most max_tokens cached tokens (state_chunks, --probe-tokens), as the probe's states are
-    chunks = state_chunks(rollouts.prompt_width + ts[picked], k, horizon, max_tokens) if len(picked) else []
-    sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep)
+    chunks = state_chunks(rollouts.prompt_width + ts[picked], k, horizon, max_tokens, decode) if len(picked) else []
+    sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep, decode=decode)
     windows = []
     for i in range(parallel.max_over_ranks(len(chunks), lockstep)):
         chunk = picked[chunks[i]] if i < len(chunks) else None  # None: a stand-in chunk (lockstep only), dropped

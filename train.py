@@ -84,6 +84,9 @@ class TrainConfig(topd.TOPDConfig):
     micro_batch: int = 4           # rollouts per forward/backward (per rank); the toy uses 32
     max_new_tokens: int = 8192     # response cap; capped rollouts count as truncated (the toy uses 48)
     temperature: float = 1.0       # 1.0 = on-policy; the estimators assume it (any other value: warned, biased)
+    decode: str = "eager"          # eager | compiled: how rollouts, probe continuations and evaluation decode
+                                   # (sample.py "Compiled decoding": the same draws, a preallocated cache and a
+                                   # torch.compile'd one-token step; bench.py section 7 measures both)
     # optimisation
     steps: int = 200
     lr: float = 1e-6               # a pretrained LLM's scale; the toy's 3e-4 would wreck one
@@ -115,6 +118,8 @@ class TrainConfig(topd.TOPDConfig):
                                      # live, 0.6 GB at Qwen's 151,936 columns (1024: 2.5 GB), whatever the length
     gradient_checkpointing: bool = False  # recompute student activations in backward (long rollouts on a GPU)
     parallel: str = "ddp"          # ddp: a full replica of both models per rank | fsdp: both sharded (parallel.py)
+    unshard_rollouts: bool = True  # FSDP: gather the student's weights once for the rollouts instead of per layer and
+                                   # token (parallel.gathered): +the whole student in bf16 per rank during sampling
     sync_every_backward: bool = False  # reduce gradients after EVERY backward, not only the step's last: more
                                        # communication, but under FSDP no unsharded fp32 gradients (4 B x params)
     log_every: int = 1
@@ -128,7 +133,7 @@ class TrainConfig(topd.TOPDConfig):
         return None if not self.enable_thinking else self.enable_thinking == "true"
 
 
-CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"),
+CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"), "decode": sample.DECODE_MODES,
            "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"), "parallel": parallel.LAYOUTS,
            "dtype": ("auto", "float32", "bfloat16"), "enable_thinking": ("", "true", "false")}
 
@@ -330,8 +335,9 @@ def train_step(run: Run, step: int) -> dict:
     # teacher scoring build anyway, so that no prefix is ever encoded twice
     keep_caches = cfg.mode == "topd" or (cfg.mode == "opd_suppress" and cfg.detector == "probe")
     sampling = sample.SamplingConfig(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                                     vocab_size=run.vocab_size, lockstep=run.lockstep)
-    with clock("sample"), torch.no_grad(), sample.eval_mode(run.student), run.autocast():
+                                     vocab_size=run.vocab_size, lockstep=run.lockstep, decode=cfg.decode)
+    with clock("sample"), torch.no_grad(), sample.eval_mode(run.student), run.autocast(), \
+            parallel.gathered(run.student, cfg.unshard_rollouts):
         rollouts = [sample.sample_rollouts(run.student, [run.prompt_ids[i] for i in indices[rows]],
                                            sampling=sampling, pad_id=run.pad_id, eos_ids=run.eos_ids,
                                            generator=generator(j, 0), keep_cache=keep_caches)
@@ -398,7 +404,7 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
                 d = topd.detect(run.student, run.teacher, ro, token_loss, cfg, special_ids=run.special_ids,
                                 pad_id=run.pad_id, eos_ids=run.eos_ids, vocab_size=run.vocab_size,
                                 generator=generators[0], windows_generator=generators[1], teacher_cache=teacher_cache,
-                                lockstep=run.lockstep)
+                                lockstep=run.lockstep, decode=cfg.decode)
             found = d.windows
             detection = dict(candidates=d.candidates, scores=d.scores, divergent=d.divergent,
                              suppress_weight=cfg.suppress_weight)
@@ -481,7 +487,7 @@ def train(cfg: TrainConfig, device_kind: str, rank: int, world: int, local_rank:
 
     def evaluate(step):
         sampling = sample.SamplingConfig(temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                         vocab_size=run.vocab_size, lockstep=run.lockstep)
+                                         vocab_size=run.vocab_size, lockstep=run.lockstep, decode=cfg.decode)
         acc = eval_aime.held_out_accuracy(
             run.student, run.tokenizer, run.eval_rows, sampling=sampling, seed=cfg.seed, rank=rank, world=world,
             instruction=cfg.instruction, chat_template=cfg.chat_template, enable_thinking=cfg.thinking,
