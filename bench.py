@@ -2,7 +2,7 @@
 bench.py -- measured speed and memory, side by side with the baselines people would otherwise use.
 
 Claims like "the chunked KL saves memory" or "the window detector is free" are only worth something measured, on
-the same model, batch and lengths as the thing they are compared with. One command runs five sections:
+the same model, batch and lengths as the thing they are compared with. One command runs seven sections:
 
   section       ours                                    baseline                                    target
   1 sampling    sample.sample_rollouts, tokens/s        model.generate(do_sample, T=1, top_k=0,     >= 0.95x
@@ -15,6 +15,10 @@ the same model, batch and lengths as the thing they are compared with. One comma
                                                         (trl.DistillationTrainer, beta=1: reverse KL)
   5 scaling     opd, topd/window, topd/probe step time  opd at the same length                      (reported)
                 and memory at L = 64, 128, 256, 512
+  6 memory      the same at Qwen's vocabulary, 512-4096 the same step of an older revision          (see targets)
+  7 decode      compiled decoding (--decode compiled):  eager decoding and HF generate, same model, GPU: >= 3x
+                tokens/s on the toy and a Qwen3-0.6B-      batch and length; the toy's topd step      CPU step: >= 1.5x
+                shaped model, compile time once          with each decode mode
 
 How it measures:
   * Alternation. Compared variants run in turns (A B A B ...) after an untimed warm-up round, so a slow drift of
@@ -85,7 +89,7 @@ ROOT = Path(__file__).resolve().parent
 class BenchConfig:
     quick: bool = False                  # small sizes everywhere: a smoke run of every code path (< ~1 min)
     out: str = "runs/bench/bench.json"   # where the JSON results go
-    sections: str = "1,2,3,4,5,6"        # which sections to run, comma-separated
+    sections: str = "1,2,3,4,5,6,7"      # which sections to run, comma-separated
     repeats: int = 0                     # timed repeats per variant; 0 = the per-section default below
     warmup: int = 1                      # untimed rounds before the alternation starts
     threads: int = 0                     # torch threads here and in every child; 0 = all cores
@@ -106,6 +110,7 @@ FULL = {
     5: dict(lengths=(64, 128, 256, 512), batch=16, repeats=2, horizon=0),  # horizon 0 = the spec's default (32)
     6: dict(lengths=(512, 1024, 2048, 4096), batch={512: 2, 1024: 2, 2048: 1, 4096: 1}, vocab=151936, hidden=64,
             layers=2, horizon=32, repeats=1, reference_length=2048),
+    7: dict(models=("toy", "qwen3-0.6b"), lengths=(512, 2048), batch=8, repeats=2, steps=3),
 }
 QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     1: dict(batch=4, prompt_len=(4, 16), new_tokens=16, vocab=32000, hidden=64, layers=2, repeats=2),
@@ -115,14 +120,17 @@ QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     5: dict(lengths=(16, 32), batch=2, repeats=1, horizon=8),
     6: dict(lengths=(32, 64), batch={32: 2, 64: 1}, vocab=151936, hidden=32, layers=1, horizon=8, repeats=1,
             reference_length=64),
+    7: dict(models=("toy",), lengths=(16,), batch=2, repeats=1, steps=1),
 }
-NAMES = {1: "sampling", 2: "kl", 3: "step", 4: "trl", 5: "scaling", 6: "memory"}
+NAMES = {1: "sampling", 2: "kl", 3: "step", 4: "trl", 5: "scaling", 6: "memory", 7: "decode"}
 # (op, value) targets on the ratio ours / baseline
 TARGETS = {"sampling": (">=", 0.95), "kl_memory": ("<=", 0.25), "kl_time": ("<=", 1.10),
            "window": ("<=", 1.10), "probe": ("<=", 1.41), "trl": ("<=", 1.00),
            # section 6, at the reference length (2048): ours vs the reference revision's opd, and topd+probe vs opd
            "opd_memory_vs_reference": ("<=", 0.35), "opd_time_vs_reference": ("<=", 1.05),
-           "probe_memory": ("<=", 1.5), "probe_time": ("<=", 1.5), "probe_time_vs_floor": ("<=", 1.15)}
+           "probe_memory": ("<=", 1.5), "probe_time": ("<=", 1.5), "probe_time_vs_floor": ("<=", 1.15),
+           # section 7: compiled decoding vs eager: tokens/s (x1.5 on the CPU toy step, x3 on a GPU at 8 x 2048)
+           "decode_cpu": (">=", 1.5), "decode_gpu": (">=", 3.0)}
 
 
 def parse_config(argv=None) -> BenchConfig:
@@ -149,7 +157,7 @@ def parse_config(argv=None) -> BenchConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 def parse_sections(text: str) -> list[int]:
-    """"1,3" -> [1, 3] (sorted, unique); anything outside 1..6 is an error."""
+    """"1,3" -> [1, 3] (sorted, unique); anything outside 1..7 is an error."""
     out = sorted({int(x) for x in text.split(",") if x.strip()})
     if not out or any(s not in NAMES for s in out):
         raise ValueError(f"--sections: expected numbers among {sorted(NAMES)}, got {text!r}")
@@ -803,8 +811,95 @@ def section_memory(cfg, size, device, world, threads):
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------------
+# Section 7: compiled decoding (sample.py "Compiled decoding") against eager and HF generate
+# ----------------------------------------------------------------------------------------------------------------
+
+QWEN3_06B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                 num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True)
+
+
+def decode_model(name: str, world: Path, device: torch.device):
+    """(model, prompts as id lists, pad id) for section 7: the toy world's student, or a Qwen3-0.6B-shaped random
+    model (its real config's sizes) with toy-length prompts."""
+    if name == "toy":
+        model, tok = sample.load_policy(str(world / "student"), device)
+        rows = toy.read_jsonl(world / "test.jsonl")
+        return model, sample.encode_prompts(tok, [r["prompt"] for r in rows])[0], toy.PAD_ID
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(**QWEN3_06B, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = Qwen3ForCausalLM(config).to(device=device, dtype=model_dtype(device)).eval()
+    rng = random.Random(0)
+    return model, [[1] + [rng.randrange(3, 1000) for _ in range(rng.randint(8, 48))] for _ in range(64)], 0
+
+
+def section_decode(cfg, size, device, world, threads):
+    """Rollout tokens/s of eager and compiled decoding and of HF generate, the same model, batch, length and
+    sampling settings (every row runs to the length: no stop token), the compile time paid once (the first compiled
+    call minus a steady one), and the toy training step with each decode mode."""
+    torch.set_num_threads(threads)
+    rows, details = [], {"results": {}}
+    B = size["batch"]
+    for name in size["models"]:
+        model, prompts, pad = decode_model(name, world, device)
+        prompts = prompts[:B]
+        for L in size["lengths"]:
+            if name == "toy":
+                L = min(L, model.config.max_position_embeddings - max(map(len, prompts)))  # the toy's 128 positions
+            fns, first = {}, {}
+            for decode in sample.DECODE_MODES:
+                sampling = sample.SamplingConfig(max_new_tokens=L, decode=decode)
+                fns[decode] = (lambda k, s=sampling: sample.sample_rollouts(
+                    model, prompts, sampling=s, eos_ids=[-1], pad_id=pad,
+                    generator=sample.make_generator(cfg.seed, k, device=device)))
+
+            def generate(k):
+                ids, mask = sample.left_pad(prompts, pad, device)
+                model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
+                               top_p=1.0, max_new_tokens=L, min_new_tokens=L, pad_token_id=pad)
+            fns["generate"] = generate
+            with torch.no_grad():
+                for decode in fns:  # the first call of each: compile time for `compiled`, warm-up for the others
+                    first[decode] = timed(lambda: fns[decode](0), device)[1]
+                times = run_alternating(fns, size["repeats"], 0, device)
+            tps = {k: B * L / median(v) for k, v in times.items()}
+            compile_s = first["compiled"] - median(times["compiled"])
+            section = f"7 decode, {name}, {B} x {L} tokens"
+            target = TARGETS["decode_gpu"] if device.type == "cuda" else None
+            rows += [make_row(section, "eager", tps["eager"], "tok/s"),
+                     make_row(section, "compiled", tps["compiled"], "tok/s", tps["eager"], target),
+                     make_row(section, "HF generate", tps["generate"], "tok/s", tps["eager"]),
+                     make_row(section, "compile time (once)", compile_s, "s")]
+            print(f"  {name}, {B} x {L}: eager {tps['eager']:,.0f} tok/s, compiled {tps['compiled']:,.0f} "
+                  f"({ratio(tps['compiled'], tps['eager']):.2f}x; compile {compile_s:.0f} s once), generate "
+                  f"{tps['generate']:,.0f} ({ratio(tps['generate'], tps['eager']):.2f}x)", flush=True)
+            details["results"][f"{name}-{L}"] = {"tokens_per_s": tps, "compile_seconds": compile_s}
+        del model
+    # the toy's training step, eager vs compiled decoding (every variant at the same step indices: same prompts)
+    steps = {}
+    for decode in sample.DECODE_MODES:
+        run = make_run(world, "topd", "probe", toy.TRAIN_DEFAULTS["horizon"], device, ["--decode", decode])
+        train.train_step(run, 0)  # compiles (compiled) or warms up (eager)
+        steps[decode] = [train.train_step(run, k) for k in range(1, 1 + size["steps"])]
+    sample_s = {d: median([m["time/sample"] for m in ms]) for d, ms in steps.items()}
+    step_s = {d: median([m["time/step"] for m in ms]) for d, ms in steps.items()}
+    section = "7 decode, toy topd + probe step"
+    rows += [make_row(section, "sampling per step, eager", sample_s["eager"], "s"),
+             make_row(section, "sampling per step, compiled (eager / compiled)", sample_s["eager"] /
+                      max(sample_s["compiled"], 1e-9), "x", None,
+                      TARGETS["decode_cpu"] if device.type == "cpu" else None),
+             make_row(section, "step, eager", step_s["eager"], "s"),
+             make_row(section, "step, compiled", step_s["compiled"], "s", step_s["eager"])]
+    print(f"  toy step: sampling {sample_s['eager']:.2f} s eager, {sample_s['compiled']:.2f} s compiled; step "
+          f"{step_s['eager']:.2f} s eager, {step_s['compiled']:.2f} s compiled", flush=True)
+    details["toy_step"] = {"sample_seconds": sample_s, "step_seconds": step_s}
+    return rows, details
+
+
 SECTIONS = {1: section_sampling, 2: section_kl, 3: section_step, 4: section_trl, 5: section_scaling,
-            6: section_memory}
+            6: section_memory, 7: section_decode}
 
 
 def child_main(job: dict):
@@ -828,7 +923,7 @@ def main(argv=None):
     sections = parse_sections(cfg.sections)
     if cfg.repeats:
         sizes = {k: {**v, "repeats": cfg.repeats} for k, v in sizes.items()}
-    world = prepare_world(cfg) if {3, 4, 5} & set(sections) else None
+    world = prepare_world(cfg) if {3, 4, 5, 7} & set(sections) else None
     import transformers
 
     env = {"device": str(device), "threads": threads, "torch": torch.__version__,

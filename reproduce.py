@@ -329,12 +329,13 @@ def teacher_on_student_prefixes(world: Path, num_prompts: int = 400) -> dict:
 
 
 def style_curve_markdown(name: str, curve: list[dict]) -> list[str]:
-    lines = [f"{name}:", "", "| step | accuracy | \",\" share | \"b+acc\" share | teacher KL | grad norm | lr |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [f"{name}:", "", "| step | accuracy | \",\" share | \"b+acc\" share | \"acc+acc\" share | teacher KL | "
+             "grad norm | lr |", "|---|---|---|---|---|---|---|---|"]
     for c in curve:
         def num(key, fmt):
             return "-" if c.get(key) is None else format(c[key], fmt)
         lines.append(f"| {c['step']} | {c['accuracy']:.1%} | {c['comma_share']:.2f} | {c['swap_share']:.2f} | "
+                     f"{c['copied_share']:.2f} | "
                      f"{num('teacher_kl', '.3f')} | {num('grad_norm', '.2f')} | {num('lr', '.1e')} |")
     return lines
 

@@ -295,41 +295,49 @@ def style_after_error(problem: Problem, tokens: list[str], labels: list[str], fi
 
 def style_counts(problem: Problem, text: str) -> dict:
     """How a response writes the long world's two style kinds, over its chain of steps from the start:
-    {"commas": separators written "," (the student's; the teacher writes ";"), "separators": separators,
-     "swapped": additions written "b+acc=" (the student's order), "additions": additions that have two orders}.
+      commas      separators written "," (the student's; the teacher writes ";"), of `separators`;
+      swapped     additions that start with the new operand, "b+acc=" (the student's order), of `additions` (the
+                  additions whose two operands are written differently, so that the order shows);
+      copied      additions that start with the accumulator and repeat it, "acc+acc=": the teacher's first token
+                  followed by what the student's order puts second (the accumulator), a broken step.
+    The chain is followed through the steps' written results (a wrong result is carried on, as the student does).
     Example, prompt 51+74+2=? (15 + 47 + 2; the teacher writes "51+74=26;26+2=46;\\boxed{64}"):
-    "74+51=26,26+2=46;\\boxed{64}" -> commas 1 of 2 separators, swapped 1 of 2 additions."""
-    counts = dict(commas=0, separators=0, swapped=0, additions=0)
+    "74+51=26,26+2=46;\\boxed{64}" -> commas 1 of 2 separators, swapped 1 of 2 additions, copied 0."""
+    counts = dict(commas=0, separators=0, swapped=0, additions=0, copied=0)
     previous, pos = rev(problem.operands[0]), 0
     for k, m in enumerate(STEP.finditer(text)):
         if k + 1 >= len(problem.operands) or m.start() != pos:  # the chain of steps ends here
             break
         a, op, b, result, sep = m.groups()
+        operand = rev(problem.operands[k + 1])
         counts["separators"] += 1
         counts["commas"] += sep == STUDENT_SEP
-        if op == "+" and a != b:
+        if op == "+" and operand != previous:
             counts["additions"] += 1
-            counts["swapped"] += a != previous
+            counts["swapped"] += a == operand
+            counts["copied"] += a == previous and b == previous
         previous, pos = result, m.end()
     return counts
 
 
 def style_report(model, tokenizer, rows, max_new_tokens: int) -> dict:
     """Greedy held-out accuracy of `model` and the shares of its style choices over those responses:
-    {"accuracy", "comma_share" (of separators), "swap_share" (of additions)}: where the student is between its own
-    style (1.0 and 1.0 for the long world's) and the teacher's (0.0)."""
+    {"accuracy", "comma_share" (of separators), "swap_share" and "copied_share" (of additions)}: where the student is
+    between its own style (1.0 and 1.0 for the long world's) and the teacher's (0.0), and how often it breaks an
+    addition by writing the accumulator twice."""
     from eval_aime import evaluate
     from sample import SamplingConfig
 
     summary, records = evaluate(model, tokenizer, as_problems(rows), k=1, batch_size=EVAL_BATCH,
                                 sampling=SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens),
                                 instruction=False, chat_template=False, integer_range=None)
-    total = dict(commas=0, separators=0, swapped=0, additions=0)
+    total = dict(commas=0, separators=0, swapped=0, additions=0, copied=0)
     for record in records:
         for k, v in style_counts(parse_prompt(rows[int(record["id"])]["prompt"]), record["response"]).items():
             total[k] += v
     return {"accuracy": summary["avg@k"], "comma_share": total["commas"] / max(total["separators"], 1),
-            "swap_share": total["swapped"] / max(total["additions"], 1)}
+            "swap_share": total["swapped"] / max(total["additions"], 1),
+            "copied_share": total["copied"] / max(total["additions"], 1)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

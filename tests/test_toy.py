@@ -327,7 +327,9 @@ def test_style_counts_follow_the_chain_of_steps():
     problem = toy.parse_prompt("51+74+2=?\n")  # 15 + 47 + 2
     assert toy.canonical_response(problem) == "51+74=26;26+2=46;\\boxed{64}"
     assert toy.style_counts(problem, "74+51=26,26+2=46;\\boxed{64}") == dict(commas=1, separators=2, swapped=1,
-                                                                           additions=2)
+                                                                           additions=2, copied=0)
     assert toy.style_counts(problem, "74+51=26,2+26=46,\\boxed{64}") == dict(commas=2, separators=2, swapped=2,
-                                                                           additions=2)
+                                                                           additions=2, copied=0)
+    # the collapse's broken step: the teacher's first token (the accumulator), then the accumulator again
+    assert toy.style_counts(problem, "51+51=201,201+2=401,\\boxed{104}")["copied"] == 1
     assert toy.style_counts(problem, "51+74=26;\\boxed{26}")["separators"] == 1  # an early stop: one step counted

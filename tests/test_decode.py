@@ -1,0 +1,96 @@
+"""Compiled decoding (SamplingConfig.decode = "compiled", train.py --decode compiled): a preallocated StaticCache and a
+torch.compile'd one-token step must draw exactly the ids that the eager reference draws with the same generator, and
+everything downstream (the probe's cuts of the rollout cache, the continuations, a whole training step in every
+mode) must be the same computation."""
+
+import pytest
+import torch
+
+import sample
+import topd
+import train
+from toy import EOS_ID, PAD_ID
+
+PROMPTS = ["15+16-47=?\n", "3+4=?\n", "99-1+12=?\n", "7+8=?\n", "40-3=?\n"]
+
+
+@pytest.fixture(scope="module")
+def models(fast_world):
+    world, _ = fast_world
+    student, tok = sample.load_policy(str(world / "student"))
+    teacher, _ = sample.load_policy(str(world / "teacher"))
+    return world, student, tok, teacher
+
+
+def _sample(model, tok, decode, keep_cache=False, seed=0):
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+    return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=20, decode=decode),
+                                  eos_ids=[EOS_ID], pad_id=PAD_ID, keep_cache=keep_cache,
+                                  generator=sample.make_generator(seed, device="cpu"))
+
+
+def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models):
+    """The same generator gives the same ids and masks, log-probs to 1e-5; the probe's states cut from the compiled
+    rollout's StaticCache equal those cut from the eager DynamicCache; continuations from them draw the same ids."""
+    _, student, tok, _ = models
+    eager, compiled = _sample(student, tok, "eager", True), _sample(student, tok, "compiled", True)
+    assert torch.equal(eager.ids, compiled.ids) and torch.equal(eager.response_mask, compiled.response_mask)
+    assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+    assert type(compiled.cache.layers[0]).__name__ == "StaticLayer" and compiled.cache.layers[0].keys.shape[0] == 8
+    rows, ts = torch.tensor([0, 2, 3]), torch.tensor([3, 5, 1])
+    a = sample.prefixes_from_cache(eager.cache, eager, rows, ts)
+    b = sample.prefixes_from_cache(compiled.cache, compiled, rows, ts)
+    assert torch.equal(a.attention_mask, b.attention_mask)
+    for la, lb in zip(a.cache.layers, b.cache.layers):
+        assert torch.allclose(la.keys, lb.keys, atol=1e-5) and torch.allclose(la.values, lb.values, atol=1e-5)
+    conts = [sample.sample_continuations(student, enc, 3, 6, sampling=sample.SamplingConfig(decode=decode),
+                                         eos_ids=[EOS_ID], pad_id=PAD_ID, keep_hidden=True,
+                                         generator=sample.make_generator(1, device="cpu"))
+             for enc, decode in ((a, "eager"), (b, "compiled"))]
+    assert torch.equal(conts[0].ids, conts[1].ids) and torch.equal(conts[0].mask, conts[1].mask)
+    assert torch.allclose(conts[0].logprobs, conts[1].logprobs, atol=1e-5)
+    assert torch.allclose(conts[0].head.hidden, conts[1].head.hidden, atol=1e-5)
+
+
+def test_compiled_shapes_are_bucketed():
+    """Rows to a power of two, cache columns to a multiple of 64: a run compiles for a handful of shapes, and the
+    probe's memory bound counts the padded layout."""
+    assert [sample.row_bucket(n) for n in (1, 2, 3, 32, 33, 250)] == [1, 2, 4, 32, 64, 256]
+    assert [sample.column_bucket(n) for n in (1, 64, 65, 130)] == [64, 64, 128, 192]
+    assert sample.laid_out_tokens(33, 65, "eager") == 33 * 65
+    assert sample.laid_out_tokens(33, 65, "compiled") == 64 * 128
+    assert [c.tolist() for c in topd.state_chunks(torch.tensor([30, 30, 30]), 4, 8, 8 * 64, "compiled")] == \
+        [[0, 1], [2]]  # 2 states x 4 = 8 rows x 64 columns fit; 3 states would lay out 16 rows
+    assert [c.tolist() for c in topd.state_chunks(torch.tensor([30, 30, 30]), 4, 8, 8 * 64, "eager")] == \
+        [[0, 1, 2]]  # eager: 12 rows x 38 columns = 456
+
+
+@pytest.fixture(scope="module")
+def runs(models, tmp_path_factory):
+    """Two Runs on the fast world, one per decode mode, from the same checkpoints, kept for the module: each
+    compiles its models' steps once."""
+    world = models[0]
+    made = {}
+    for decode in ("eager", "compiled"):
+        argv = ["--toy-dir", str(world), "--max-new-tokens", "24", "--rollout-batch", "16", "--micro-batch", "8",
+                "--horizon", "4", "--probe-samples", "2", "--decode", decode, "--no-self-check", "--out",
+                str(tmp_path_factory.mktemp(decode))]
+        made[decode] = train.setup(train.parse_config(argv), "cpu", log=lambda *a: None)
+    return made
+
+
+@pytest.mark.parametrize("mode, detector", [("topd", "probe")])
+def test_a_training_step_is_the_same_with_compiled_decoding(runs, mode, detector):
+    """One train_step, eager and compiled, the runs in step from the same weights: the same rollouts (lengths), the
+    same candidates and divergence decisions, the same losses and guidance windows. topd + probe decodes in every
+    way a step can (rollouts, both models' probe continuations, the guidance windows); each further mode costs the
+    CPU a compilation of its own, so the other pairs are left to the GPU acceptance run."""
+    metrics = {}
+    for decode, run in runs.items():
+        run.cfg.mode, run.cfg.detector = mode, detector
+        metrics[decode] = train.train_step(run, 3)
+    a, b = metrics["eager"], metrics["compiled"]
+    for key in ("rollout/len_mean", "opd/teacher_kl", "opd/loss", "topd/candidates", "topd/nondiv_frac",
+                "guide/tokens", "guide/loss", "grad_norm"):
+        if key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
