@@ -337,3 +337,39 @@ def test_fsdp_loading_never_puts_a_whole_model_on_a_rank_that_shards_it(fast_wor
     total = int(out.split("total ")[1].split()[0])
     local = [int(line.split("local ")[1]) for line in out.splitlines() if line.startswith("rank 1 student")]
     assert local[0] <= total // 2 + 1024  # half the student, give or take the shards' padding
+
+
+_COUNT_GATHERS = """
+import os, sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import train
+calls = [0]
+real = dist.all_gather_single
+def counting(*args, **kwargs):
+    calls[0] += 1
+    return real(*args, **kwargs)
+dist.all_gather_single = counting  # FSDP2's all-gather of a shard group's parameters
+train.main(sys.argv[1:])
+print(f"rank {{os.environ['RANK']}}: {{calls[0]}} all-gathers", flush=True)
+"""
+
+
+def test_fsdp_gathers_the_student_once_for_the_rollouts(fast_world, tmp_path):
+    """Under FSDP every forward all-gathers each layer it runs: one per layer per generated token while sampling.
+    --unshard-rollouts (the default) gathers the student once for the rollout phase and reshards it before the
+    learner's forward: far fewer all-gathers, and exactly the same training (the same weights after the step)."""
+    world, _ = fast_world
+    driver = tmp_path / "count.py"
+    driver.write_text(_COUNT_GATHERS.format(root=str(ROOT)))
+    counts = {}
+    for flag in ("--unshard-rollouts", "--no-unshard-rollouts"):
+        out = tmp_path / flag.strip("-")
+        args = _args(world, out, "--steps", "1", "--rollout-batch", "4", "--micro-batch", "2", "--mode", "opd",
+                     "--max-new-tokens", "16", "--eval-every", "0", "--no-self-check", "--parallel", "fsdp", flag)
+        proc = _run(args, nproc=2, timeout=300, script=driver)
+        counts[flag] = int(proc.stdout.split("rank 0: ")[1].split()[0])
+    assert counts["--unshard-rollouts"] * 3 < counts["--no-unshard-rollouts"], counts
+    a = _weights(tmp_path / "unshard-rollouts" / "ckpt-000001")
+    b = _weights(tmp_path / "no-unshard-rollouts" / "ckpt-000001")
+    assert all(torch.equal(a[k], b[k]) for k in a)
