@@ -45,10 +45,12 @@ from typing import Callable
 
 ROOT = Path(__file__).resolve().parent
 ROWS = [("opd", "-"), ("opd_suppress", "window"), ("opd_suppress", "probe"), ("topd", "window"), ("topd", "probe"),
-        ("guide_only", "window"), ("guide_only", "probe"), ("opd_equal_compute", "-")]
+        ("guide_only", "window"), ("guide_only", "probe"), ("guide_only", "random"), ("opd_equal_compute", "-")]
 # A row's train.py flags. Two rows are not train.py modes of their own:
 #   guide_only          TOPD's guidance with nothing suppressed (topd, --suppress-weight 1): with topd, it separates
-#                       what suppression does from what guidance does;
+#                       what suppression does from what guidance does; guide_only:random (--detector random) is its
+#                       control: as many teacher-sampled windows as the window detector finds, at random states,
+#                       which tells "detecting the forks helps" from "more teacher samples help";
 #   opd_equal_compute   plain OPD given the compute of topd + probe (or of the row --equal-compute-to names) on the
 #                       same seed: its steps scale by the student
 #                       forward tokens of that run over opd's (train.py's compute/student_tokens: sampling, scoring,
@@ -67,20 +69,40 @@ ROW_FLAGS = {"opd": ["--mode", "opd"], "opd_suppress": ["--mode", "opd_suppress"
 # The long world of the recipe-and-seeds study (built with `OMP_NUM_THREADS=1 python toy.py --long`, torch 2.13 CPU:
 # teacher 98.0% after 2,250 SFT steps, student 47.0%). The collapse-recipe tables of docs/results.md predate the hash
 # and were made on an earlier build (teacher 99.8%, student 47.8%).
-TABLE_WORLDS = {"long": "e34b1a378956c88a", "default": None}
+# The long-80 world (docs/results.md, "The collapse"): the long world's teacher and a student variant writing 80% of
+# its steps in its own style (built with `OMP_NUM_THREADS=1 python toy.py --long --out runs/toy-long-80 --teacher-from
+# runs/toy-long --student-variant student_swap_rate=0.8 student_other_sep_rate=0.2`: student 45.0%).
+TABLE_WORLDS = {"long": "e34b1a378956c88a", "long-80": "6d78870bb0a4f644", "default": None}
 
 
 def world_check(world: Path, kind: str) -> str:
     """One line on the world's identity: its hash, and a loud WARNING when it is not the world the tables used."""
     import toy
 
-    found, expected = toy.world_hash(world), TABLE_WORLDS.get(kind)
+    found = toy.world_hash(world)
+    if kind == "given":  # --world: whichever table world it is, if any
+        named = [name for name, h in TABLE_WORLDS.items() if h == found]
+        return f"World {world} (hash {found}" + (f", the tables' {named[0]} world)." if named else
+                                                 ": not a world the tables in docs/results.md were made on).")
+    expected = TABLE_WORLDS.get(kind)
     if expected is None or found == expected:
         return f"World {world} (hash {found}" + (", the tables' world)." if expected else ").")
     return (f"WARNING: world {world} has hash {found}, not {expected}, the {kind} world the tables in docs/results.md "
             "were made on (another CPU, torch version or thread count builds another world): these numbers are not "
             "comparable with the tables' numbers. Build it with 1 thread (OMP_NUM_THREADS=1 python toy.py "
             f"{'--long' if kind == 'long' else ''}) on torch 2.13 CPU to get that world.")
+
+
+def world_build(world: Path, args) -> dict:
+    """The world's build.json, building the world first when it is missing. A --world that was built before is used
+    as it is, whatever its config (a student variant, say): toy.build would rebuild a world whose config is not the
+    one the flags name, and an hour's build is not something to lose to a forgotten --long."""
+    import toy
+
+    if args.world and (world / "build.json").exists():
+        return json.loads((world / "build.json").read_text())
+    return toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig(**toy.LONG) if args.long
+                     else toy.ToyConfig())
 
 
 def run_one(world: Path, out: Path, row: str, detector: str, seed: int, args, steps: int, extra=()) -> dict:
@@ -489,9 +511,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = Path(args.world or (out / "toy-fast" if args.smoke else "runs/toy-long" if args.long else "runs/toy"))
-    build = toy.build(world, toy.ToyConfig(**toy.FAST) if args.smoke else toy.ToyConfig(**toy.LONG) if args.long
-                      else toy.ToyConfig())
-    identity = world_check(world, "long" if args.long else "fast" if args.smoke else "default")
+    build = world_build(world, args)
+    identity = world_check(world, "given" if args.world else "long" if args.long else "fast" if args.smoke
+                           else "default")
     print(identity, flush=True)
     if args.curve:
         lines = []

@@ -54,6 +54,7 @@ import teacher as teacher_lib
 from fused_kernels import DEFAULT_CHUNK, kl_divergence, token_logprobs
 
 MODES = ("opd", "opd_suppress", "topd")
+DETECTORS = ("probe", "window", "random")  # random: a control (random_states), not a detector
 
 
 @dataclass
@@ -65,6 +66,7 @@ class TOPDConfig:
     num_candidates: int = 4        # high-loss candidates per rollout (sec. 2)
     min_gap: int = 8               # minimum distance between candidates, in tokens
     detector: str = "probe"        # probe (sampled futures, margin W1) | window (mean loss of the next H tokens)
+                                   # | random (a control: the window's count of divergent states, at random states)
     probe_samples: int = 4         # K continuations per model per candidate; K guidance windows per divergent state
     probe_tokens: int = 65536      # the probe's memory bound: cached prefix tokens (states x K x length) per chunk
     horizon: int = 32              # H tokens per continuation / window
@@ -216,6 +218,26 @@ def window_divergence(loss: torch.Tensor, mask: torch.Tensor, candidates: torch.
     window_count = count_cs.gather(-1, end) - count_cs.gather(-1, start)
     score = window_sum / window_count.clamp(min=1)  # empty window -> 0 / 1 = 0
     return score.masked_fill(candidates < 0, 0.0)
+
+
+@torch.no_grad()
+def random_states(divergent: torch.Tensor, mask: torch.Tensor, special: torch.Tensor, num_candidates: int,
+                  min_gap: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`--detector random` (OURS, a control, not a detector): as many "divergent" states per rollout as the window
+    detector found (`divergent`, (B, C) bool), but placed at random response positions instead of at the
+    detector's high-loss, high-D states. With guidance on and nothing suppressed (`--mode topd --suppress-weight 1`)
+    it gives OPD the same number of teacher-sampled windows as guidance with the window detector, so a table can
+    tell "detecting the forks helps" from "extra teacher samples help".
+
+    The random positions obey select_candidates' rules (in the mask, no special token, min_gap apart): they are
+    select_candidates run on uniform noise instead of the loss. Returns (candidates (B, C), divergent (B, C)), the
+    first n_b slots of row b divergent, n_b the window detector's count on that row (fewer if the row has fewer
+    eligible positions). The noise comes from `generator`, on the rollouts' device."""
+    noise = torch.rand(mask.shape, generator=generator, device=mask.device)
+    candidates = select_candidates(noise, mask, num_candidates, min_gap, special)
+    wanted = divergent.sum(dim=-1, keepdim=True)  # (B, 1) the window detector's count per rollout
+    slots = torch.arange(candidates.shape[1], device=mask.device)[None, :]  # (1, C)
+    return candidates, (slots < wanted) & (candidates >= 0)
 
 
 def continuation_margin(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor,
@@ -495,6 +517,9 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     else:
         scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)
     divergent = divergent_mask(scores, candidates >= 0, alpha=cfg.div_alpha, threshold=cfg.threshold)
+    if cfg.detector == "random":
+        candidates, divergent = random_states(divergent, mask, special, cfg.num_candidates, cfg.min_gap, generator)
+        scores = window_divergence(token_loss.loss, mask, candidates, cfg.horizon)  # D where the states now are
     windows = []
     if cfg.mode == "topd":
         windows = teacher_windows(student, teacher, rollouts, candidates, divergent, k=cfg.probe_samples,

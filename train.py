@@ -133,7 +133,7 @@ class TrainConfig(topd.TOPDConfig):
         return None if not self.enable_thinking else self.enable_thinking == "true"
 
 
-CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": ("probe", "window"), "decode": sample.DECODE_MODES,
+CHOICES = {"mode": topd.MODES, "kl": ("full", "sampled"), "detector": topd.DETECTORS, "decode": sample.DECODE_MODES,
            "div_rule": ("relative", "absolute"), "device": ("auto", "cpu", "cuda"), "parallel": parallel.LAYOUTS,
            "dtype": ("auto", "float32", "bfloat16"), "enable_thinking": ("", "true", "false")}
 

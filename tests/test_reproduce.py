@@ -221,3 +221,26 @@ def test_run_one_sets_the_thread_count_and_records_it(tmp_path, monkeypatch, cap
         with pytest.raises(SystemExit):
             reproduce.parse_args(bad)
         assert bad[0] in capsys.readouterr().err
+
+
+def test_a_given_world_is_used_as_built_and_named_by_its_hash(tmp_path, monkeypatch):
+    """--world names a world built before (the long-80 student variant, say): it is used as it is, never rebuilt
+    because its config differs from the flags' (toy.build would rebuild it), and its identity line names the table
+    world whose hash it has, or says it has none."""
+    import toy
+
+    world = tmp_path / "variant"
+    world.mkdir()
+    (world / "build.json").write_text(json.dumps({"accuracy": {"student": {"greedy": 0.45}}}))
+
+    def no_build(*a, **k):
+        raise AssertionError("a built --world must not be rebuilt")
+
+    monkeypatch.setattr(toy, "build", no_build)
+    args = reproduce.parse_args(["--world", str(world), "--seeds", "0"])
+    assert reproduce.world_build(world, args)["accuracy"]["student"]["greedy"] == 0.45
+    monkeypatch.setattr(toy, "world_hash", lambda w: reproduce.TABLE_WORLDS["long-80"])
+    assert "the tables' long-80 world" in reproduce.world_check(world, "given")
+    monkeypatch.setattr(toy, "world_hash", lambda w: "0123456789abcdef")
+    assert "not a world the tables" in reproduce.world_check(world, "given")
+    assert "WARNING" in reproduce.world_check(world, "long")  # --long on another build: loud

@@ -654,6 +654,27 @@ def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector)
     assert kl.shape[-1] == 3 and torch.isfinite(kl).all()
 
 
+def test_the_random_control_guides_at_random_states_as_many_as_the_window_detector(saved):
+    """--detector random: the same number of guidance windows per rollout as --detector window on the same
+    rollouts, at other (random) states, with D reported where those states are."""
+    _, student, tok, teacher, _ = saved
+    ro = _rollouts(student, tok, PROMPTS, max_new=12)
+    loss = torch.rand(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)) * ro.response_mask
+    token_loss = topd.TokenLoss(loss, loss)
+
+    def run(detector):
+        cfg = topd.TOPDConfig(mode="topd", detector=detector, num_candidates=3, min_gap=2, probe_samples=2,
+                              horizon=4, div_alpha=0.0)
+        return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
+                           vocab_size=25, generator=sample.make_generator(0, device="cpu"))
+
+    window, random = run("window"), run("random")
+    assert torch.equal(random.divergent.sum(-1), window.divergent.sum(-1)) and int(window.divergent.sum()) > 0
+    assert not torch.equal(random.candidates, window.candidates)
+    assert torch.equal(random.scores, topd.window_divergence(loss, ro.response_mask, random.candidates, 4))
+    assert sum(len(w.student_prefixes) for w in random.windows) == int(window.divergent.sum())
+
+
 def test_an_lm_head_bias_is_refused_by_name():
     """Phi-2 and GPT-J have an lm_head.bias, which fused_kernels.Head (hidden @ weight.T) would silently drop from
     every sampled and scored log-prob. Such a model is refused, naming the model and the bias, for either role

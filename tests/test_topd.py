@@ -284,6 +284,38 @@ def test_select_candidates_never_picks_masked_or_special_randomized():
             assert vals == sorted(vals, reverse=True)
 
 
+
+def test_random_states_keep_the_window_detectors_count_and_the_candidates_rules():
+    """The random control: per rollout, as many divergent states as the window detector flagged, at positions drawn
+    at random (in the mask, never special, min_gap apart), not at the high-loss ones; the same generator seed gives
+    the same states, another seed other states."""
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(6, 40, generator=g) > 0.2
+    mask[5] = False  # an empty rollout: no state at all
+    special = torch.rand(6, 40, generator=g) > 0.9
+    divergent = torch.tensor([[True, False, False], [True, True, False], [False, False, False], [True, True, True],
+                              [False, True, False], [True, False, False]])
+    cands, div = topd.random_states(divergent, mask, special, 3, 4, torch.Generator().manual_seed(0))
+    assert cands.shape == (6, 3) and div.shape == (6, 3)
+    assert div[:5].sum(-1).tolist() == divergent[:5].sum(-1).tolist()  # the window's count per rollout
+    assert (cands[5] == -1).all() and not div[5].any()  # nothing eligible, nothing divergent
+    for b in range(6):
+        chosen = [p for p in cands[b].tolist() if p >= 0]
+        assert all(mask[b, p] and not special[b, p] for p in chosen)
+        assert all(abs(p - q) >= 4 for i, p in enumerate(chosen) for q in chosen[i + 1:])
+    again, _ = topd.random_states(divergent, mask, special, 3, 4, torch.Generator().manual_seed(0))
+    other, _ = topd.random_states(divergent, mask, special, 3, 4, torch.Generator().manual_seed(1))
+    assert torch.equal(again, cands) and not torch.equal(other, cands)
+    # uniform over the eligible positions: over many draws every eligible position of a row is picked, not only the
+    # first ones (a bias toward early or late positions would show as never-picked positions)
+    picked = torch.zeros(40)
+    for seed in range(300):
+        c, _ = topd.random_states(divergent, mask, special, 3, 4, torch.Generator().manual_seed(seed))
+        picked[c[0][c[0] >= 0]] += 1
+    eligible = mask[0] & ~special[0]
+    assert (picked[eligible] > 0).all() and (picked[~eligible] == 0).all()
+
+
 # ------------------------------------------------------------------------------------------- sec. 3 detectors
 
 def test_window_divergence_hand_cases():
