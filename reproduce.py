@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -413,6 +414,54 @@ def curves(run_dirs: dict) -> list[dict]:
     return rows
 
 
+# Student's t, two-sided 95%: the 0.975 quantile for 1-30 degrees of freedom (enough for the seed counts used here;
+# more seeds than 31 fall back to the normal's 1.96, within 4% of the t quantile from 30 on).
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def paired_difference(a: list[float], b: list[float]) -> dict:
+    """a - b seed by seed (both lists in the same seed order): the mean difference, its 95% interval from the
+    paired t (mean +- t * sd / sqrt(n), sd the sample std of the differences), and the sign count. The claim
+    "a beats b" stands only if the interval's low end is above 0.
+    Example: a = [0.5, 0.6, 0.7], b = [0.4, 0.4, 0.6] -> differences 0.1, 0.2, 0.1: mean 0.133, sd 0.0577,
+    t(2) = 4.303, interval 0.133 +- 0.143 = [-0.010, 0.277], wins 3 of 3."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired difference needs two equal lists of at least 2 seeds, got {len(a)} and {len(b)}")
+    diffs = [x - y for x, y in zip(a, b)]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = (T975[len(diffs) - 2] if len(diffs) - 1 <= len(T975) else 1.96) * sd / math.sqrt(len(diffs))
+    return {"mean": mean, "low": mean - half, "high": mean + half, "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs), "n": len(diffs)}
+
+
+def paired_lines(table: list[dict], equal_compute_to: tuple) -> list[str]:
+    """results.md's paired table: every row minus opd, the equal-compute target minus opd_equal_compute (the same
+    student forward tokens), and guidance at the detector's states minus the random control, seed by seed."""
+    by_row = {(row["mode"], row["detector"]): row for row in table}
+    pairs = [(row, by_row[("opd", "-")]) for row in table if ("opd", "-") in by_row and row["mode"] != "opd"]
+    if ("opd_equal_compute", "-") in by_row and equal_compute_to in by_row:
+        pairs.append((by_row[equal_compute_to], by_row[("opd_equal_compute", "-")]))
+    if ("guide_only", "random") in by_row and ("guide_only", "window") in by_row:
+        pairs.append((by_row[("guide_only", "window")], by_row[("guide_only", "random")]))
+    name = lambda r: r["mode"] + ("" if r["detector"] == "-" else ":" + r["detector"])  # noqa: E731
+    lines = ["", "Paired per-seed differences (95% paired-t interval; a claim stands only if it excludes 0):", "",
+             "| difference | mean | 95% interval | seeds ahead / behind |", "|---|---|---|---|"]
+    for a, b in pairs:
+        d = paired_difference(a["accuracy_runs"], b["accuracy_runs"])
+        lines.append(f"| {name(a)} - {name(b)} | {d['mean']:+.1%} | [{d['low']:+.1%}, {d['high']:+.1%}] | "
+                     f"{d['wins']} / {d['losses']} of {d['n']} |")
+    return lines
+
+
+def largest_fall(run_dir: Path) -> float:
+    """How far the run's held-out accuracy ever fell below its step-0 value (0 if it never did): the recipe rule's
+    stability test (a run is stable when this stays under 10 points)."""
+    accs = [m["eval/accuracy"] for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "eval/accuracy" in m]
+    return max(0.0, accs[0] - min(accs)) if accs else 0.0
+
+
 def mean_curve(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
     """The mean over seeds of `key` per step, at the steps where EVERY seed has a value. Runs of different lengths
     (opd_equal_compute's steps differ per seed) end at different steps; a mean over whichever seeds got there would
@@ -542,7 +591,8 @@ def main(argv=None):
                       "accuracy_before": runs[0]["accuracy_before"], "steps": [r["steps"] for r in runs],
                       "minutes_per_run": statistics.fmean(r["seconds"] for r in runs) / 60,
                       "student_tokens": statistics.fmean(r["student_tokens"] for r in runs),
-                      "step_seconds": statistics.fmean(r["step_seconds"] for r in runs)})
+                      "step_seconds": statistics.fmean(r["step_seconds"] for r in runs),
+                      "largest_fall": max(largest_fall(Path(r["path"])) for r in runs)})
     threshold = float(args.train_args[args.train_args.index("--div-threshold") + 1]) \
         if "--div-threshold" in args.train_args else None
     report = toy.detector_report(world, num_prompts=args.report_prompts, horizon=args.horizon, div_threshold=threshold)
@@ -566,7 +616,12 @@ def main(argv=None):
         steps = "/".join(map(str, sorted(set(row["steps"]))))
         lines.append(f"| {row['mode']} | {row['detector']} | {row['accuracy_mean']:.1%} ± {row['accuracy_std']:.1%} | "
                      f"{runs} | {steps} | {row['student_tokens'] / 1e6:.2f}M | {row['minutes_per_run']:.1f} |")
+    lines += ["", "Largest fall below the start along any seed's run (the recipe rule's stability test, stable under "
+              "10 points): " + ", ".join(f"{r['mode']}{'' if r['detector'] == '-' else ':' + r['detector']} "
+                                        f"{r['largest_fall']:.1%}" for r in table) + "."]
     by_row = {(row["mode"], row["detector"]): row for row in table}
+    if len(args.seeds) > 1:
+        lines += paired_lines(table, args.equal_compute_to)
     if args.equal_compute_to in by_row and ("opd", "-") in by_row:  # the two measures of compute, side by side
         target_row, opd_row = by_row[args.equal_compute_to], by_row[("opd", "-")]
         lines += ["", f"{' + '.join(args.equal_compute_to)} over opd, same steps: "

@@ -19,11 +19,13 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracy_runs"]) == 1 for r in rows)
     md = (out / "results.md").read_text()
     assert md.count("\n| opd |") == 1 and md.count("| opd_suppress |") == 2 and md.count("| topd |") == 2
-    assert md.count("| guide_only |") == 2 and md.count("| opd_equal_compute |") == 1
+    assert md.count("| guide_only |") == 3 and md.count("| opd_equal_compute |") == 1
     # guidance without suppression is topd with suppress weight 1; equal compute runs at least the others' steps,
     # scaled by topd + probe's student forward tokens over opd's on the same seed (the probe costs forwards)
     config = json.loads((out / "guide_only-probe-seed0" / "results.json").read_text())["config"]
     assert config["mode"] == "topd" and config["suppress_weight"] == 1.0
+    control = json.loads((out / "guide_only-random-seed0" / "results.json").read_text())["config"]
+    assert control["detector"] == "random" and control["suppress_weight"] == 1.0
     eqc = next(r for r in rows if r["mode"] == "opd_equal_compute")
     tokens = {r["mode"] + r["detector"]: r["student_tokens"] for r in rows}
     assert tokens["topdprobe"] > tokens["opd-"] > 0
@@ -244,3 +246,47 @@ def test_a_given_world_is_used_as_built_and_named_by_its_hash(tmp_path, monkeypa
     monkeypatch.setattr(toy, "world_hash", lambda w: "0123456789abcdef")
     assert "not a world the tables" in reproduce.world_check(world, "given")
     assert "WARNING" in reproduce.world_check(world, "long")  # --long on another build: loud
+
+
+def test_paired_difference_hand_case_and_errors():
+    """The docstring's example by hand: differences 0.1, 0.2, 0.1 -> mean 0.1333, sample sd 0.0577, t(2) 4.303:
+    half-width 4.303 * 0.0577 / sqrt(3) = 0.1434; and a difference that is the same on every seed has a zero-width
+    interval that excludes 0."""
+    d = reproduce.paired_difference([0.5, 0.6, 0.7], [0.4, 0.4, 0.6])
+    assert d["mean"] == pytest.approx(0.13333, abs=1e-4)
+    assert d["low"] == pytest.approx(0.13333 - 0.14342, abs=1e-4) and d["high"] == pytest.approx(0.27676, abs=1e-4)
+    assert (d["wins"], d["losses"], d["n"]) == (3, 0, 3)
+    same = reproduce.paired_difference([0.3, 0.5], [0.1, 0.3])
+    assert same["low"] == pytest.approx(0.2) and same["high"] == pytest.approx(0.2)
+    behind = reproduce.paired_difference([0.1, 0.2, 0.3, 0.2], [0.2, 0.2, 0.1, 0.4])
+    assert (behind["wins"], behind["losses"]) == (1, 2)  # the tie counts as neither
+    with pytest.raises(ValueError, match="two equal lists"):
+        reproduce.paired_difference([0.1], [0.2])
+
+
+def test_largest_fall_reads_the_runs_evaluations(tmp_path):
+    """The stability test of the recipe rule: the start minus the lowest held-out accuracy along the run, from
+    metrics.jsonl (steps without an evaluation ignored); 0 for a run that never fell below its start."""
+    rows = [{"step": 0, "eval/accuracy": 0.47}, {"step": 1, "loss": 1.0}, {"step": 25, "eval/accuracy": 0.01},
+            {"step": 50, "eval/accuracy": 0.40}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert reproduce.largest_fall(tmp_path) == pytest.approx(0.46)
+    rows = [{"step": 0, "eval/accuracy": 0.45}, {"step": 25, "eval/accuracy": 0.57}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert reproduce.largest_fall(tmp_path) == 0.0
+
+
+def test_paired_lines_name_every_comparison_the_plan_reports():
+    """The pre-registered comparisons: each row minus opd, topd:window minus opd at its compute, guidance at the
+    window detector's states minus the random control; the numbers are paired_difference's."""
+    runs = {("opd", "-"): [0.40, 0.50, 0.45], ("topd", "window"): [0.50, 0.55, 0.50],
+            ("guide_only", "window"): [0.52, 0.58, 0.50], ("guide_only", "random"): [0.50, 0.50, 0.50],
+            ("opd_equal_compute", "-"): [0.45, 0.52, 0.40]}
+    table = [{"mode": m, "detector": d, "accuracy_runs": a} for (m, d), a in runs.items()]
+    lines = reproduce.paired_lines(table, ("topd", "window"))
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and " - " in line}
+    assert set(rows) == {"topd:window - opd", "guide_only:window - opd", "guide_only:random - opd",
+                         "opd_equal_compute - opd", "topd:window - opd_equal_compute",
+                         "guide_only:window - guide_only:random"}
+    d = reproduce.paired_difference(runs[("topd", "window")], runs[("opd_equal_compute", "-")])
+    assert f"{d['mean']:+.1%}" in rows["topd:window - opd_equal_compute"] and "3 / 0 of 3" in rows["topd:window - opd"]
