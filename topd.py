@@ -498,7 +498,8 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     special_ids: ids never to pick as candidates (sample.special_token_ids). teacher_cache: the teacher's KV cache of
     these rollouts from its scoring pass (teacher.score_rollouts(cache=...)); with rollouts.cache (the sampler's)
     the probe and the windows cut their prefixes out of them instead of re-encoding. generator draws the probe's
-    continuations, windows_generator (default: the same) the window detector's guidance windows. lockstep: the
+    continuations (or, --detector random, the random states), windows_generator (default: the same) the window
+    and random detectors' guidance windows. lockstep: the
     models are sharded (FSDP), so every rank must run the same forwards whatever its candidates (parallel.py).
     """
     mask = rollouts.response_mask

@@ -614,6 +614,14 @@ def test_probe_in_chunks_keeps_every_state_and_only_divergent_windows(saved):
 
 # ------------------------------------------------------------------------------- --guide-horizon
 
+def _detect(student, teacher, ro, token_loss, **knobs):
+    """topd.detect in topd mode with 3 candidates at gap 2, K = 2, alpha 0 and no EOS, plus `knobs`."""
+    cfg = topd.TOPDConfig(**{"mode": "topd", "num_candidates": 3, "min_gap": 2, "probe_samples": 2, "div_alpha": 0.0,
+                             **knobs})
+    return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
+                       vocab_size=25, generator=sample.make_generator(0, device="cpu"))
+
+
 @pytest.mark.parametrize("detector", ["window", "probe"])
 def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector):
     """--guide-horizon (the H-ablation: look-ahead vs guidance length) changes the guidance windows' length and
@@ -626,11 +634,8 @@ def test_guide_horizon_sets_the_windows_length_and_nothing_else(saved, detector)
     token_loss = topd.TokenLoss(loss, loss)
 
     def run(guide_horizon):
-        cfg = topd.TOPDConfig(mode="topd", detector=detector, num_candidates=3, min_gap=2, probe_samples=2,
-                              horizon=6, guide_horizon=guide_horizon, div_alpha=0.0)
         # no EOS: every continuation runs its full length, so the lengths below are the horizons themselves
-        return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
-                           vocab_size=25, generator=sample.make_generator(0, device="cpu"))
+        return _detect(student, teacher, ro, token_loss, detector=detector, horizon=6, guide_horizon=guide_horizon)
 
     same, explicit, short = run(0), run(6), run(3)
     assert int(same.divergent.sum()) > 0
@@ -662,13 +667,7 @@ def test_the_random_control_guides_at_random_states_as_many_as_the_window_detect
     loss = torch.rand(ro.response_mask.shape, generator=torch.Generator().manual_seed(0)) * ro.response_mask
     token_loss = topd.TokenLoss(loss, loss)
 
-    def run(detector):
-        cfg = topd.TOPDConfig(mode="topd", detector=detector, num_candidates=3, min_gap=2, probe_samples=2,
-                              horizon=4, div_alpha=0.0)
-        return topd.detect(student, teacher, ro, token_loss, cfg, special_ids=[PAD_ID], pad_id=PAD_ID, eos_ids=[],
-                           vocab_size=25, generator=sample.make_generator(0, device="cpu"))
-
-    window, random = run("window"), run("random")
+    window, random = (_detect(student, teacher, ro, token_loss, detector=d, horizon=4) for d in ("window", "random"))
     assert torch.equal(random.divergent.sum(-1), window.divergent.sum(-1)) and int(window.divergent.sum()) > 0
     assert not torch.equal(random.candidates, window.candidates)
     assert torch.equal(random.scores, topd.window_divergence(loss, ro.response_mask, random.candidates, 4))
