@@ -9,11 +9,15 @@ import pytest
 
 import reproduce
 
+# The pipeline tests train several tiny runs each; two at a time with one thread each keeps CI's two cores busy
+TWO_LANES = ["--jobs", "2", "--threads", "1"]
+
 
 def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     world, _ = fast_world
     out = tmp_path / "repro"
-    summary = reproduce.main(["--smoke", "--out", str(out), "--world", str(world)])
+    # two runs side by side, one thread each: CI's two cores (and the equal-compute row must wait for its inputs)
+    summary = reproduce.main(["--smoke", "--out", str(out), "--world", str(world), *TWO_LANES])
     rows = summary["rows"]
     assert [(r["mode"], r["detector"]) for r in rows] == reproduce.ROWS
     assert all(0.0 <= r["accuracy_mean"] <= 1.0 and len(r["accuracy_runs"]) == 1 for r in rows)
@@ -40,7 +44,7 @@ def test_smoke_run_writes_the_table_and_files(fast_world, tmp_path):
     assert {r["mode"] for r in curve} == {m for m, _ in reproduce.ROWS}
     assert max(int(r["step"]) for r in curve if r["mode"] != "opd_equal_compute") == 4
     # resumable: a second call reuses every finished run (no training happens, same numbers)
-    again = reproduce.main(["--smoke", "--out", str(out), "--world", str(world)])
+    again = reproduce.main(["--smoke", "--out", str(out), "--world", str(world), *TWO_LANES])
     assert [r["accuracy_runs"] for r in again["rows"]] == [r["accuracy_runs"] for r in rows]
 
 
@@ -53,7 +57,7 @@ def test_sweep_moves_one_knob_at_a_time_and_writes_its_table(fast_world, tmp_pat
     monkeypatch.setattr(reproduce, "SWEEP", {"div_threshold": {"window": [0.5], "probe": [2.0]},
                                              "horizon": {"window": [4, 8], "probe": [4]},
                                              "guide_weight": {"window": [1.0]}})
-    result = reproduce.main(["--smoke", "--sweep", "--out", str(out), "--world", str(world)])
+    result = reproduce.main(["--smoke", "--sweep", "--out", str(out), "--world", str(world), *TWO_LANES])
     points = result["sweep"]
     assert [(p["knob"], p["value"], p["detector"]) for p in points] == [
         ("-", "", "opd"), ("div_threshold", 0.5, "window"), ("div_threshold", 2.0, "probe"),
@@ -125,7 +129,7 @@ def test_equal_compute_to_another_row_sizes_opd_by_that_row_in_its_own_folder(fa
     world, _ = fast_world
     out = tmp_path / "eqw"
     summary = reproduce.main(["--smoke", "--out", str(out), "--world", str(world), "--rows", "opd:-", "topd:window",
-                              "opd_equal_compute:-", "--equal-compute-to", "topd:window"])
+                              "opd_equal_compute:-", "--equal-compute-to", "topd:window", *TWO_LANES])
     tokens = {r["mode"] + r["detector"]: r["student_tokens"] for r in summary["rows"]}
     eqc = next(r for r in summary["rows"] if r["mode"] == "opd_equal_compute")
     assert tokens["topdwindow"] > tokens["opd-"] > 0
