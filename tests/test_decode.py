@@ -52,11 +52,32 @@ def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models):
     assert torch.allclose(conts[0].head.hidden, conts[1].head.hidden, atol=1e-5)
 
 
+def test_compiled_rollouts_that_outgrow_a_window_draw_what_eager_draws(models, monkeypatch):
+    """A rollout longer than 64 columns crosses from the 64-column window of the static cache to the 128-column one
+    (two views of the same tensors): the writes of the first window must be what the second one reads, so the
+    draws stay those of eager decoding, token for token."""
+    _, student, tok, _ = models
+    widths = []
+    bucket = sample.window_bucket
+    monkeypatch.setattr(sample, "window_bucket", lambda *a: widths.append(bucket(*a)) or widths[-1])
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+    eager, compiled = (sample.sample_rollouts(student, ids, sampling=sample.SamplingConfig(max_new_tokens=90,
+                                                                                           decode=decode),
+                                              eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(
+                                                  3, device="cpu")) for decode in ("eager", "compiled"))
+    assert sorted(set(widths)) == [64, 128] and eager.ids.shape[1] - eager.prompt_width == 90
+    assert torch.equal(eager.ids, compiled.ids)
+    assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+
+
 def test_compiled_shapes_are_bucketed():
     """Rows to a power of two, cache columns to a multiple of 64: a run compiles for a handful of shapes, and the
     probe's memory bound counts the padded layout."""
     assert [sample.row_bucket(n) for n in (1, 2, 3, 32, 33, 250)] == [1, 2, 4, 32, 64, 256]
     assert [sample.column_bucket(n) for n in (1, 64, 65, 130)] == [64, 64, 128, 192]
+    # attention reads the columns in use rounded up to a power of two (at least 64, at most the cache's width)
+    assert [sample.window_bucket(n, 192) for n in (1, 64, 65, 128, 129, 192)] == [64, 64, 128, 128, 192, 192]
+    assert sample.window_bucket(70, 64 * 40) == 128 and sample.window_bucket(1500, 2048 + 64) == 2048
     assert sample.laid_out_tokens(33, 65, "eager") == 33 * 65
     assert sample.laid_out_tokens(33, 65, "compiled") == 64 * 128
     assert [c.tolist() for c in topd.state_chunks(torch.tensor([30, 30, 30]), 4, 8, 8 * 64, "compiled")] == \
