@@ -848,9 +848,10 @@ def section_decode(cfg, size, device, world, threads):
     for name in size["models"]:
         model, prompts, pad = decode_model(name, world, device)
         prompts = prompts[:B]
-        for L in size["lengths"] if device.type == "cuda" or name == "toy" else size["cpu_lengths"]:
-            if name == "toy":
-                L = min(L, model.config.max_position_embeddings - max(map(len, prompts)))  # the toy's 128 positions
+        lengths = size["lengths"] if device.type == "cuda" or name == "toy" else size["cpu_lengths"]
+        if name == "toy":  # the toy accepts 128-160 positions: every length is cut to what fits, measured once
+            lengths = sorted({min(L, model.config.max_position_embeddings - max(map(len, prompts))) for L in lengths})
+        for L in lengths:
             fns, first = {}, {}
             for decode in sample.DECODE_MODES:
                 sampling = sample.SamplingConfig(max_new_tokens=L, decode=decode)

@@ -274,16 +274,25 @@ class ForwardTokens:
     same on every machine (reproduce.py's opd_equal_compute row is sized by it)."""
 
     def __init__(self, model: torch.nn.Module):
-        self.count = 0
+        # A tensor on the model's device, not a Python int. Compiled decoding (sample.py) traces this hook inside its
+        # one-token step, and torch.compile treats a module's int attributes as constants: an int counter recompiled
+        # the step at every token until dynamo's cache limit, then fell back to eager behind 64 failing guard
+        # checks per token (measured: the toy step's sampling 2.5x slower than eager). An in-place add on a tensor is
+        # one more op of the same graph; on CUDA its fixed address lets CUDA graphs replay it.
+        device = next(model.parameters()).device
+        self.count = torch.zeros((), dtype=torch.long, device=device)
+        if device.type == "cuda":
+            torch._dynamo.mark_static_address(self.count)
         model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
-        self.count += ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:-1].numel()
+        self.count.add_(ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:-1].numel())
 
     def take(self) -> int:
-        """The count since the last take(), and restart from zero."""
-        count, self.count = self.count, 0
+        """The count since the last take(), and restart from zero (one host sync: twice per step)."""
+        count = int(self.count)
+        self.count.zero_()
         return count
 
 

@@ -3,9 +3,12 @@ torch.compile'd one-token step must draw exactly the ids that the eager referenc
 everything downstream (the probe's cuts of the rollout cache, the continuations, a whole training step in every
 mode) must be the same computation."""
 
+import copy
+
 import pytest
 import torch
 
+import checkpoint
 import sample
 import topd
 import train
@@ -68,6 +71,26 @@ def test_compiled_rollouts_that_outgrow_a_window_draw_what_eager_draws(models, m
     assert sorted(set(widths)) == [64, 128] and eager.ids.shape[1] - eager.prompt_width == 90
     assert torch.equal(eager.ids, compiled.ids)
     assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+
+
+def test_a_counted_model_compiles_once_per_shape_and_counts_exactly(models):
+    """train.py counts every forward's tokens with a pre-hook on each model (checkpoint.ForwardTokens), and the
+    compiled step traces that hook. With a Python int as the counter, torch.compile took it for a constant and
+    recompiled the step at every token, up to its cache limit of 64 graphs, then ran eagerly behind 64 failing guard
+    checks per token: the toy training step's sampling was 2.5x slower than eager. One rollout batch must add at most
+    two graphs (a 64- and a 128-column window), and the count stays exact: 8 rows (5 prompts, bucketed) through the
+    prefill and through each of the 29 one-token steps that follow the first draw."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    _, student, tok, _ = models
+    model = copy.deepcopy(student)  # the hook stays off the module the other tests share
+    counter = checkpoint.ForwardTokens(model)
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+    graphs = len(_debug_get_cache_entry_list(sample._one_token.__code__))
+    ro = sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=30, decode="compiled"),
+                                eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
+    assert len(_debug_get_cache_entry_list(sample._one_token.__code__)) - graphs <= 2
+    assert counter.take() == 8 * ro.prompt_width + 8 * 29 and counter.take() == 0
 
 
 def test_compiled_shapes_are_bucketed():
