@@ -99,6 +99,7 @@ class BenchConfig:
     seed: int = 0
     reference: str = ""                  # section 6: a git revision whose `opd` step runs side by side (e.g. the
                                          # last one before the fused head); "" = no reference rows
+    decode_models: str = ""              # section 7's models, comma-separated (toy, qwen3-0.6b); "" = both
     child: str = ""                      # internal: a JSON job for a fresh measuring subprocess
 
 
@@ -132,8 +133,9 @@ TARGETS = {"sampling": (">=", 0.95), "kl_memory": ("<=", 0.25), "kl_time": ("<="
            # section 6, at the reference length (2048): ours vs the reference revision's opd, and topd+probe vs opd
            "opd_memory_vs_reference": ("<=", 0.35), "opd_time_vs_reference": ("<=", 1.05),
            "probe_memory": ("<=", 1.5), "probe_time": ("<=", 1.5), "probe_time_vs_floor": ("<=", 1.15),
-           # section 7: compiled decoding vs eager: tokens/s (x1.5 on the CPU toy step, x3 on a GPU at 8 x 2048)
-           "decode_cpu": (">=", 1.5), "decode_gpu": (">=", 3.0)}
+           # section 7: compiled decoding vs eager: the toy step's sampling time at least 1.5x lower on the CPU
+           # (compiled / eager <= 0.67), rollout tokens/s 3x eager's on a GPU at 8 x 2048
+           "decode_cpu": ("<=", 0.67), "decode_gpu": (">=", 3.0)}
 
 
 def parse_config(argv=None) -> BenchConfig:
@@ -150,6 +152,9 @@ def parse_config(argv=None) -> BenchConfig:
         parse_sections(cfg.sections)
     except ValueError as e:
         parser.error(str(e))
+    unknown = set(filter(None, cfg.decode_models.split(","))) - set(FULL[7]["models"])
+    if unknown:
+        parser.error(f"--decode-models: expected names among {list(FULL[7]['models'])}, got {sorted(unknown)}")
     if cfg.repeats < 0 or cfg.warmup < 0 or cfg.threads < 0:
         parser.error("--repeats, --warmup and --threads must be >= 0")
     return cfg
@@ -845,7 +850,7 @@ def section_decode(cfg, size, device, world, threads):
     torch.set_num_threads(threads)
     rows, details = [], {"results": {}}
     B = size["batch"]
-    for name in size["models"]:
+    for name in cfg.decode_models.split(",") if cfg.decode_models else size["models"]:
         model, prompts, pad = decode_model(name, world, device)
         prompts = prompts[:B]
         lengths = size["lengths"] if device.type == "cuda" or name == "toy" else size["cpu_lengths"]
@@ -891,8 +896,7 @@ def section_decode(cfg, size, device, world, threads):
     step_s = {d: median([m["time/step"] for m in ms]) for d, ms in steps.items()}
     section = "7 decode, toy topd + probe step"
     rows += [make_row(section, "sampling per step, eager", sample_s["eager"], "s"),
-             make_row(section, "sampling per step, compiled (eager / compiled)", sample_s["eager"] /
-                      max(sample_s["compiled"], 1e-9), "x", None,
+             make_row(section, "sampling per step, compiled", sample_s["compiled"], "s", sample_s["eager"],
                       TARGETS["decode_cpu"] if device.type == "cpu" else None),
              make_row(section, "step, eager", step_s["eager"], "s"),
              make_row(section, "step, compiled", step_s["compiled"], "s", step_s["eager"])]

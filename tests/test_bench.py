@@ -75,6 +75,9 @@ def test_parse_sections_and_config():
     assert cfg.quick and cfg.sections == "2" and cfg.repeats == 4 and cfg.threads == 1
     with pytest.raises(SystemExit):
         bench.parse_config(["--sections", "9"])
+    assert bench.parse_config(["--decode-models", "toy"]).decode_models == "toy"
+    with pytest.raises(SystemExit):  # a misspelt model would otherwise be benchmarked as the Qwen shape
+        bench.parse_config(["--decode-models", "toy,qwen3-06b"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
