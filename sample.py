@@ -506,6 +506,11 @@ def _compiled_step(device: torch.device):
 
         # one compiled graph per (model, rows bucket, columns bucket): room for both models and a few buckets each
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # Guard on modules' hooks (torch skips those guards by default): the same graph serves every model of the
+        # same shapes, so without them a graph traced for a model with no hook silently skips the hooks of one
+        # that has them (measured: train.py's token counter, checkpoint.ForwardTokens, then counted the prefill
+        # and none of the decoding steps), and FSDP's hooks are what gather a sharded model's weights.
+        torch._dynamo.config.skip_nnmodule_hook_guards = False
         _COMPILED_STEPS[device.type] = torch.compile(
             _one_token, mode="reduce-overhead" if device.type == "cuda" else None)
     return _COMPILED_STEPS[device.type]

@@ -79,16 +79,23 @@ def test_a_counted_model_compiles_once_per_shape_and_counts_exactly(models):
     recompiled the step at every token, up to its cache limit of 64 graphs, then ran eagerly behind 64 failing guard
     checks per token: the toy training step's sampling was 2.5x slower than eager. One rollout batch must add at most
     two graphs (a 64- and a 128-column window), and the count stays exact: 8 rows (5 prompts, bucketed) through the
-    prefill and through each of the 29 one-token steps that follow the first draw."""
+    prefill and through each of the 29 one-token steps that follow the first draw, also when the same shapes were
+    compiled before for a model without the hook."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     _, student, tok, _ = models
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+
+    def rollouts(model):
+        return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=30, decode="compiled"),
+                                      eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
+
+    # the same shapes compiled first for a model without the hook: a graph that ignores hooks must not be reused
+    rollouts(student)
     model = copy.deepcopy(student)  # the hook stays off the module the other tests share
     counter = checkpoint.ForwardTokens(model)
-    ids, _ = sample.encode_prompts(tok, PROMPTS)
     graphs = len(_debug_get_cache_entry_list(sample._one_token.__code__))
-    ro = sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=30, decode="compiled"),
-                                eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(0, device="cpu"))
+    ro = rollouts(model)
     assert len(_debug_get_cache_entry_list(sample._one_token.__code__)) - graphs <= 2
     assert counter.take() == 8 * ro.prompt_width + 8 * 29 and counter.take() == 0
 
