@@ -567,8 +567,10 @@ class _StaticCache:
         """The cache seen through its first `width` columns: views of the same key/value tensors (writes land in the
         full cache), so attention reads only the columns in use, rounded up to a bucket, instead of the whole
         preallocated length (at 8 x 2048 tokens the full cache would double attention's reads on average).
-        Layers of another kind than a plain StaticLayer are always seen whole."""
-        if width == self.mask.shape[1] or not all(type(layer).__name__ == "StaticLayer" and layer.is_initialized
+        A cache with any layer other than a plain, allocated StaticLayer (sliding windows, say) is always seen
+        whole."""
+        if width == self.mask.shape[1] or not all(type(layer).__name__ == "StaticLayer"
+                                                  and getattr(layer, "is_initialized", True)
                                                   for layer in self.cache.layers):
             return self.cache
         if width not in self.windows:
