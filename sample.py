@@ -548,6 +548,9 @@ class _StaticCache:
         self.model, self.cache, self.mask, self.column, self.rows = model, cache, mask, written, rows
         self.cache_kw, self.step = cache_kwarg(model), _compiled_step(mask.device)
         self.windows = {}  # width -> the cache seen through its first `width` columns (see window)
+        # windows need plain, allocated StaticLayers (the prefill has run): checked once, not per token
+        self.windowed = all(type(layer).__name__ == "StaticLayer" and getattr(layer, "is_initialized", True)
+                            for layer in cache.layers)
 
     def __call__(self, token, attend, position) -> torch.Tensor:
         n, pad = self.rows, self.mask.shape[0] - self.rows
@@ -569,9 +572,7 @@ class _StaticCache:
         preallocated length (at 8 x 2048 tokens the full cache would double attention's reads on average).
         A cache with any layer other than a plain, allocated StaticLayer (sliding windows, say) is always seen
         whole."""
-        if width == self.mask.shape[1] or not all(type(layer).__name__ == "StaticLayer"
-                                                  and getattr(layer, "is_initialized", True)
-                                                  for layer in self.cache.layers):
+        if width == self.mask.shape[1] or not self.windowed:
             return self.cache
         if width not in self.windows:
             view = copy.copy(self.cache)  # the same Cache settings; its own list of layers

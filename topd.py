@@ -499,8 +499,8 @@ def detect(student, teacher, rollouts: sample.Rollouts, token_loss: TokenLoss, c
     these rollouts from its scoring pass (teacher.score_rollouts(cache=...)); with rollouts.cache (the sampler's)
     the probe and the windows cut their prefixes out of them instead of re-encoding. generator draws the probe's
     continuations (or, --detector random, the random states), windows_generator (default: the same) the window
-    and random detectors' guidance windows. lockstep: the
-    models are sharded (FSDP), so every rank must run the same forwards whatever its candidates (parallel.py).
+    and random detectors' guidance windows. lockstep: the models are sharded (FSDP), so every rank must run the same
+    forwards whatever its candidates (parallel.py).
     """
     mask = rollouts.response_mask
     special = torch.isin(rollouts.response_ids, torch.as_tensor(list(special_ids), device=mask.device))

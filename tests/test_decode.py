@@ -77,7 +77,7 @@ def test_a_counted_model_compiles_once_per_shape_and_counts_exactly(models):
     """train.py counts every forward's tokens with a pre-hook on each model (checkpoint.ForwardTokens), and the
     compiled step traces that hook. With a Python int as the counter, torch.compile took it for a constant and
     recompiled the step at every token, up to its cache limit of 64 graphs, then ran eagerly behind 64 failing guard
-    checks per token: the toy training step's sampling was 2.5x slower than eager. One rollout batch must add at most
+    checks per token: the toy training step's sampling was 2.4x slower than eager. One rollout batch must add at most
     two graphs (a 64- and a 128-column window), and the count stays exact: 8 rows (5 prompts, bucketed) through the
     prefill and through each of the 29 one-token steps that follow the first draw, also when the same shapes were
     compiled before for a model without the hook."""
