@@ -33,6 +33,7 @@ import copy
 import hashlib
 import inspect
 import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -486,6 +487,9 @@ class _GrowingCache:
 #   * each step attends to the columns in use rounded up to a power of two (window_bucket), through views of the
 #     cache's tensors: a preallocated cache would otherwise make every token attend over the whole final length
 #     (about twice eager's attention reads, averaged over a long rollout).
+#   * the rollouts' caches are reused from one sampling phase to the next (take_static_cache / recycle_cache), as a
+#     serving engine keeps its KV pool: no allocation per rollout, and on CUDA the same addresses for the graphs;
+#   * the probe's and the guidance windows' continuations decode compiled only where that pays (continuation_decode).
 # The draws are exact: the real rows' logits differ from eager only by float summation order (~1e-7 in fp32), and
 # only the real rows are drawn from, in the same order, so the same generator gives the same ids (tested).
 
@@ -533,6 +537,19 @@ def window_bucket(columns_in_use: int, width: int) -> int:
     return min(width, max(64, 1 << (columns_in_use - 1).bit_length()))
 
 
+# Continuations (the probe's, the guidance windows') are short, H tokens, from batches of hundreds of states. On
+# the CPU a compiled step is no faster there (measured on the toy's probe, 512 rows: 20 ms per token either way, the
+# work being the rows, not the launches) and every chunk would first copy its states' prefixes into a static cache
+# (the toy step's probe phase: 1.7 s compiled vs 1.3 s eager), so compiled decoding leaves them eager except on
+# the device types listed here, where CUDA graphs replace a few hundred kernel launches per token by one.
+COMPILED_CONTINUATIONS = {"cuda"}
+
+
+def continuation_decode(decode: str, device) -> str:
+    """How continuations decode on `device` when rollouts decode `decode`: compiled only where it pays."""
+    return decode if torch.device(device).type in COMPILED_CONTINUATIONS else "eager"
+
+
 def laid_out_tokens(rows: int, columns: int, decode: str) -> int:
     """KV-cache tokens that a decoding batch of rows x columns really holds: that product in eager decoding, the
     buckets' product in compiled decoding (topd.state_chunks bounds the probe's caches by it)."""
@@ -547,7 +564,9 @@ class _StaticCache:
     def __init__(self, model, cache, mask: torch.Tensor, written: int, rows: int):
         self.model, self.cache, self.mask, self.column, self.rows = model, cache, mask, written, rows
         self.cache_kw, self.step = cache_kwarg(model), _compiled_step(mask.device)
-        self.windows = {}  # width -> the cache seen through its first `width` columns (see window)
+        # width -> the cache seen through its first `width` columns (see window), kept with the cache: a reused cache
+        # comes back with the same view tensors, at the same addresses
+        self.windows = _WINDOWS.setdefault(cache, {})
         # windows need plain, allocated StaticLayers (the prefill has run): checked once, not per token
         self.windowed = all(type(layer).__name__ == "StaticLayer" and getattr(layer, "is_initialized", True)
                             for layer in cache.layers)
@@ -589,11 +608,54 @@ class _StaticCache:
         return self.windows[width]
 
 
-def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int):
-    """Prefill for compiled rollouts: a StaticCache of row_bucket(B) x column_bucket(P + new_tokens), the left-padded
-    prompts (B, P) written into its first P columns. Returns (the step, the prompts' last hidden states (B, d))."""
+# The cache pool. A fresh StaticCache per rollout batch costs its zero-filled allocation (on the toy: 13 ms of a
+# 230 ms compiled rollout batch) and, on CUDA, hands the recorded graphs new addresses, which makes them re-record.
+# So compiled rollouts take their cache from a pool and give it back when done with it: sample_rollouts at once, or,
+# when the Rollouts keep the cache for the probe, whoever drops it (train.py, after the probe). The pool holds, per
+# model, the caches of one shape only, the last one given back: never more memory than one sampling phase held at
+# once (an evaluation's batch replaces the training ones; a cache never given back is simply garbage-collected).
+# The price: between sampling phases that memory stays allocated (a serving engine keeps its KV pool too); eager
+# decoding frees its cache instead.
+_POOL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # model -> (key, [free caches of that key])
+_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # cache -> its key (caches from the pool only)
+_WINDOWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> {width: its view} (_StaticCache.window)
+
+
+def take_static_cache(model, rows: int, columns: int, device: torch.device):
+    """A StaticCache of rows x columns for `model`: a free one of the same key from the pool, reset (every layer
+    zeroed: nothing of the last rollout, a NaN say, can reach this one), else a new one. The key has the dtype the
+    keys will have (autocast's, else the weights'), which a reused cache must match."""
     from transformers import StaticCache
 
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (rows, columns, autocast, next(model.parameters()).dtype)
+    pooled_key, free = _POOL.get(model, (None, []))
+    if pooled_key == key and free:
+        cache = free.pop()
+        cache.reset()
+        return cache
+    cache = StaticCache(config=model.config, max_cache_len=columns)
+    _KEYS[cache] = key
+    return cache
+
+
+def recycle_cache(model, cache) -> None:
+    """Give a cache from take_static_cache back to the pool for `model`'s next rollouts (anything else, an eager
+    DynamicCache or None, is left to the garbage collector). The caller must not use the cache afterwards."""
+    key = _KEYS.get(cache) if cache is not None else None
+    if key is None:
+        return
+    pooled_key, free = _POOL.get(model, (None, []))
+    free = free if pooled_key == key else []  # another shape: the old ones are dropped
+    if all(c is not cache for c in free):
+        free.append(cache)
+    _POOL[model] = (key, free)
+
+
+def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int):
+    """Prefill for compiled rollouts: a StaticCache of row_bucket(B) x column_bucket(P + new_tokens) from the pool,
+    the left-padded prompts (B, P) written into its first P columns. Returns (the step, the prompts' last hidden
+    states (B, d))."""
     B, P = ids.shape
     rows, columns = row_bucket(B), column_bucket(P + new_tokens)
     full = torch.zeros(rows, columns, dtype=torch.long, device=ids.device)  # (rows, L) the mask over every column
@@ -601,7 +663,7 @@ def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_toke
     full[B:, P - 1] = 1  # padding rows: one attended column (a pad token), never an all-masked row
     padded = torch.cat([ids, ids.new_zeros(rows - B, P)]) if rows > B else ids
     positions = position_ids_from_mask(full[:, :P])
-    cache = StaticCache(config=model.config, max_cache_len=columns)
+    cache = take_static_cache(model, rows, columns, ids.device)
     extra = {cache_kwarg(model): cache}
     hidden = model(input_ids=padded, attention_mask=full, position_ids=positions, use_cache=True, logits_to_keep=1,
                    cache_position=torch.arange(P, device=ids.device), **extra).logits[:B, -1]  # (B, d): hidden
@@ -666,7 +728,8 @@ class Rollouts:
 def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad_id: int,
                     generator: torch.Generator, keep_cache: bool = False) -> Rollouts:
     """Sample one response per prompt (list of id lists) with our cached loop. The model must be in eval().
-    keep_cache: return the KV cache that sampling built anyway (for probing from states of these rollouts)."""
+    keep_cache: return the KV cache that sampling built anyway (for probing from states of these rollouts); with
+    compiled decoding, hand it back with recycle_cache once done with it, or the next rollouts allocate anew."""
     device = next(model.parameters()).device
     ids, mask = left_pad(prompt_ids, pad_id, device)  # (B, P)
     with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
@@ -677,11 +740,12 @@ def sample_rollouts(model, prompt_ids, *, sampling: SamplingConfig, eos_ids, pad
             last = model_step(model, ids, mask, position_ids_from_mask(mask), step.cache, logits_to_keep=1)[:, -1]
         tokens, logps, valid, _ = _decode(step, to_head, last, mask.sum(-1), sampling.max_new_tokens, sampling,
                                           generator, eos_ids, pad_id)  # (B, R) each
-    cache = step.cache
+    if not keep_cache:
+        recycle_cache(model, step.cache)  # compiled: back to the pool for the next rollouts (eager: nothing to do)
     eos = torch.isin(tokens, torch.as_tensor(eos_ids, device=device)) & valid.bool()
     return Rollouts(ids=torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, valid], 1),
                     prompt_width=ids.shape[1], response_mask=valid, truncated=~eos.any(-1),
-                    prompt_lens=mask.sum(-1), logprobs=logps * valid, cache=cache if keep_cache else None)
+                    prompt_lens=mask.sum(-1), logprobs=logps * valid, cache=step.cache if keep_cache else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -898,8 +962,8 @@ def sample_continuations(model, prefixes: EncodedPrefixes, k: int, horizon: int,
     Only `horizon` and the EOS ids bound a continuation (sampling.max_new_tokens is not used here).
     """
     cache, mask, last, pos = prefixes.repeated(k)  # N*K rows
-    step = (_static_prefix_cache(model, cache, mask, horizon + 1) if sampling.decode == "compiled"
-            else _GrowingCache(model, cache, mask))
+    step = (_static_prefix_cache(model, cache, mask, horizon + 1)
+            if continuation_decode(sampling.decode, mask.device) == "compiled" else _GrowingCache(model, cache, mask))
     with hidden_states_out(model) as to_head:  # forwards return final hidden states; _decode draws from fp32 logits
         first = step(last, torch.ones_like(last, dtype=torch.bool), pos)  # (N*K, d): the state's last token fed
         tokens, logps, valid, kept = _decode(step, to_head, first, pos + 1, horizon, sampling, generator, eos_ids,

@@ -599,6 +599,7 @@ def probe_divergence(student, teacher, rollouts: sample.Rollouts, candidates: to
     scores = torch.zeros(candidates.shape, dtype=torch.float32, device=candidates.device)
     probe = Probe(scores=scores)
     rows, ts = where[:, 0], candidates[where[:, 0], where[:, 1]]  # state s_t: the rollout `row` before token t
+    decode = sample.continuation_decode(decode, candidates.device)  # how the continuations really decode
     chunks = state_chunks(rollouts.prompt_width + ts, k, horizon, max_tokens, decode) if len(where) else []
     probe_sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep,  # the policies
                                            decode=decode)
@@ -655,6 +656,7 @@ def teacher_windows(student, teacher, rollouts: sample.Rollouts, candidates, div
         return windows
     picked = torch.nonzero(is_divergent).squeeze(-1)  # the divergent states, in `where` order
     # in chunks of at most max_tokens cached tokens (state_chunks, --probe-tokens), as the probe's states are
+    decode = sample.continuation_decode(decode, candidates.device)  # how the continuations really decode
     chunks = state_chunks(rollouts.prompt_width + ts[picked], k, horizon, max_tokens, decode) if len(picked) else []
     sampling = sample.SamplingConfig(temperature=1.0, vocab_size=vocab_size, lockstep=lockstep, decode=decode)
     windows = []

@@ -412,7 +412,10 @@ def opd_phase(run: Run, ro: sample.Rollouts, num_tokens, *, sync: bool, generato
         # before the backward: under FSDP the head's full weight, which s_head reads, is freed by it
         stats.update(sample.rollout_stats(ro, s_head if check_logp else None, run.vocab_size, cfg.chunk_size))
         (loss * run.world).backward()  # DDP and FSDP AVERAGE gradients over ranks; sum over tokens / N needs * world
-    ro.cache = None  # the probe is done with it; the guidance windows keep only their own states' slices
+    # the probe is done with it (the guidance windows keep only their own states' slices): compiled decoding's
+    # cache goes back to the pool for the next step's rollouts
+    sample.recycle_cache(run.student, ro.cache)
+    ro.cache = None
     return stats, found
 
 

@@ -32,9 +32,14 @@ def _sample(model, tok, decode, keep_cache=False, seed=0):
                                   generator=sample.make_generator(seed, device="cpu"))
 
 
-def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models):
+def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models, monkeypatch):
     """The same generator gives the same ids and masks, log-probs to 1e-5; the probe's states cut from the compiled
-    rollout's StaticCache equal those cut from the eager DynamicCache; continuations from them draw the same ids."""
+    rollout's StaticCache equal those cut from the eager DynamicCache; continuations from them draw the same ids
+    (compiled continuations forced on the CPU, where sample.continuation_decode otherwise keeps them eager)."""
+    monkeypatch.setattr(sample, "COMPILED_CONTINUATIONS", {"cpu", "cuda"})
+    static_prefixes = []
+    made = sample._static_prefix_cache
+    monkeypatch.setattr(sample, "_static_prefix_cache", lambda *a: static_prefixes.append(1) or made(*a))
     _, student, tok, _ = models
     eager, compiled = _sample(student, tok, "eager", True), _sample(student, tok, "compiled", True)
     assert torch.equal(eager.ids, compiled.ids) and torch.equal(eager.response_mask, compiled.response_mask)
@@ -53,6 +58,48 @@ def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models):
     assert torch.equal(conts[0].ids, conts[1].ids) and torch.equal(conts[0].mask, conts[1].mask)
     assert torch.allclose(conts[0].logprobs, conts[1].logprobs, atol=1e-5)
     assert torch.allclose(conts[0].head.hidden, conts[1].head.hidden, atol=1e-5)
+    assert static_prefixes == [1]  # the second set of continuations really went through the compiled step
+
+
+def test_continuations_decode_compiled_only_where_it_pays():
+    """On the CPU a compiled step is no faster for the probe's hundreds of rows and its continuations would pay a
+    copy into a static cache, so they stay eager there; on CUDA they follow --decode."""
+    assert sample.continuation_decode("compiled", "cpu") == "eager"
+    assert sample.continuation_decode("compiled", "cuda") == "compiled"
+    assert sample.continuation_decode("eager", "cuda") == "eager"
+    # the probe's memory bound counts the layout the continuations really have: eager on the CPU (12 rows x 38
+    # columns fit in 512 tokens, where compiled buckets would lay out 16 x 64)
+    assert sample.laid_out_tokens(12, 38, sample.continuation_decode("compiled", "cpu")) == 12 * 38
+
+
+def test_compiled_rollouts_reuse_a_pooled_cache_that_is_reset(models):
+    """Compiled rollouts take their StaticCache from a pool and give it back: the next rollouts of the same shape
+    reuse the same tensors (on CUDA: the same addresses for the graphs). A reused cache is reset first, so a cache
+    left full of NaN draws what a fresh one draws. A kept cache (keep_cache=True, the probe's) stays out of the pool
+    until given back with recycle_cache, and a batch of another shape replaces the pool's caches."""
+    _, student, tok, _ = models
+    eager = _sample(student, tok, "eager")
+    kept = _sample(student, tok, "compiled", keep_cache=True)
+    first = _sample(student, tok, "compiled")
+    key, free = sample._POOL[student]
+    assert len(free) == 1 and free[0] is not kept.cache and key[:2] == (8, 64)  # 5 prompts -> 8 rows, 64 columns
+    pooled = free[0]
+    for layer in pooled.layers:
+        layer.keys.fill_(float("nan"))
+        layer.values.fill_(float("nan"))
+    again = _sample(student, tok, "compiled")
+    assert torch.equal(again.ids, eager.ids) and torch.equal(first.ids, eager.ids) and torch.equal(kept.ids, eager.ids)
+    assert sample._POOL[student][1] == [pooled] and not torch.isnan(pooled.layers[0].keys).any()
+    sample.recycle_cache(student, kept.cache)
+    sample.recycle_cache(student, kept.cache)  # twice: still pooled once
+    assert [id(c) for c in sample._POOL[student][1]] == [id(pooled), id(kept.cache)]
+    sample.recycle_cache(student, sample.new_cache(student))  # not from the pool (eager): ignored
+    assert len(sample._POOL[student][1]) == 2
+    ids, _ = sample.encode_prompts(tok, PROMPTS)
+    longer = sample.sample_rollouts(student, ids, sampling=sample.SamplingConfig(max_new_tokens=90, decode="compiled"),
+                                    eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(3, device="cpu"))
+    key, free = sample._POOL[student]
+    assert key[:2] == (8, 128) and len(free) == 1 and longer.ids.shape[1] - longer.prompt_width == 90
 
 
 def test_compiled_rollouts_that_outgrow_a_window_draw_what_eager_draws(models, monkeypatch):
@@ -131,11 +178,13 @@ def runs(models, tmp_path_factory):
 
 
 @pytest.mark.parametrize("mode, detector", [("topd", "probe")])
-def test_a_training_step_is_the_same_with_compiled_decoding(runs, mode, detector):
+def test_a_training_step_is_the_same_with_compiled_decoding(runs, mode, detector, monkeypatch):
     """One train_step, eager and compiled, the runs in step from the same weights: the same rollouts (lengths), the
     same candidates and divergence decisions, the same losses and guidance windows. topd + probe decodes in every
     way a step can (rollouts, both models' probe continuations, the guidance windows); each further mode costs the
-    CPU a compilation of its own, so the other pairs are left to the GPU acceptance run."""
+    CPU a compilation of its own, so the other pairs are left to the GPU acceptance run. The continuations decode
+    compiled here as they do on CUDA (on the CPU they would otherwise stay eager)."""
+    monkeypatch.setattr(sample, "COMPILED_CONTINUATIONS", {"cpu", "cuda"})
     metrics = {}
     for decode, run in runs.items():
         run.cfg.mode, run.cfg.detector = mode, detector
