@@ -28,6 +28,15 @@ def _untied_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
+_COMPILED_CONTINUATIONS = """
+import sys
+sys.path.insert(0, {root!r})
+import sample, train
+sample.COMPILED_CONTINUATIONS = {{"cpu", "cuda"}}  # the probe's and the windows' continuations compiled, as on CUDA
+train.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.parametrize("mode, tied", [("opd", False), ("topd", True)])
 def test_fsdp_gives_the_weights_of_ddp(fast_world, tmp_path, mode, tied):
     """Same data, same seeds, 2 processes: FSDP2 (sharded weights, gradients and AdamW state, the fused head reading
@@ -55,10 +64,13 @@ def test_fsdp_gives_the_weights_of_ddp(fast_world, tmp_path, mode, tied):
         if name in b:
             assert torch.equal(p, b[name]), name
     assert torch.equal(loaded.get_output_embeddings().weight, b.get("lm_head.weight", b["model.embed_tokens.weight"]))
-    # reduce-scattering after every backward (no unsharded accumulators; opd) and activation checkpointing switched
-    # off around the guidance windows (topd) change nothing either
-    variant = "--sync-every-backward" if mode == "opd" else "--gradient-checkpointing"
-    _run(_args(world, tmp_path / "fsdp-variant", *common, "--parallel", "fsdp", variant), nproc=2)
+    # reduce-scattering after every backward (no unsharded accumulators; opd) and, for topd, activation
+    # checkpointing switched off around the guidance windows together with compiled decoding (rollouts from the
+    # gathered student, continuations in lockstep chunks, all through the compiled step) change nothing either
+    variant = ["--sync-every-backward"] if mode == "opd" else ["--gradient-checkpointing", "--decode", "compiled"]
+    driver = tmp_path / "compiled.py"
+    driver.write_text(_COMPILED_CONTINUATIONS.format(root=str(ROOT)))
+    _run(_args(world, tmp_path / "fsdp-variant", *common, "--parallel", "fsdp", *variant), nproc=2, script=driver)
     c = _weights(tmp_path / "fsdp-variant" / "ckpt-000002")
     assert all(torch.allclose(a[k], c[k], atol=1e-5) for k in a), variant
     ma, mb = _metrics(tmp_path / "ddp"), _metrics(tmp_path / "fsdp")
