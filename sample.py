@@ -540,7 +540,7 @@ def window_bucket(columns_in_use: int, width: int) -> int:
 # Continuations (the probe's, the guidance windows') are short, H tokens, from batches of hundreds of states. On
 # the CPU a compiled step is no faster there (measured on the toy's probe, 512 rows: 20 ms per token either way, the
 # work being the rows, not the launches) and every chunk would first copy its states' prefixes into a static cache
-# (the toy step's probe phase: 1.7 s compiled vs 1.3 s eager), so compiled decoding leaves them eager except on
+# (the toy step's probe phase took 2.2 s compiled vs 1.7 s eager), so compiled decoding leaves them eager except on
 # the device types listed here, where CUDA graphs replace a few hundred kernel launches per token by one.
 COMPILED_CONTINUATIONS = {"cuda"}
 
@@ -609,7 +609,7 @@ class _StaticCache:
 
 
 # The cache pool. A fresh StaticCache per rollout batch costs its zero-filled allocation (on the toy: 13 ms of a
-# 230 ms compiled rollout batch) and, on CUDA, hands the recorded graphs new addresses, which makes them re-record.
+# 64-row batch's prefill) and, on CUDA, hands the recorded graphs new addresses, which makes them re-record.
 # So compiled rollouts take their cache from a pool and give it back when done with it: sample_rollouts at once, or,
 # when the Rollouts keep the cache for the probe, whoever drops it (train.py, after the probe). The pool holds, per
 # model, the caches of one shape only, the last one given back: never more memory than one sampling phase held at
