@@ -177,19 +177,23 @@ def runs(models, tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("mode, detector", [("topd", "probe")])
+@pytest.mark.parametrize("mode, detector", [("opd", "window")] + [(m, d) for m in ("opd_suppress", "topd")
+                                                                     for d in topd.DETECTORS])
 def test_a_training_step_is_the_same_with_compiled_decoding(runs, mode, detector, monkeypatch):
     """One train_step, eager and compiled, the runs in step from the same weights: the same rollouts (lengths), the
-    same candidates and divergence decisions, the same losses and guidance windows. topd + probe decodes in every
-    way a step can (rollouts, both models' probe continuations, the guidance windows); each further mode costs the
-    CPU a compilation of its own, so the other pairs are left to the GPU acceptance run. The continuations decode
-    compiled here as they do on CUDA (on the CPU they would otherwise stay eager)."""
+    same candidates and divergence decisions, the same losses and guidance windows, for every mode/detector pair
+    (opd ignores the detector: one pair). The runs are shared across the pairs, so each decoding path compiles once,
+    on the first pair that takes it (opd: rollouts; the probe: both models' continuations; the windows: the
+    teacher's); the pairs after it cost about a second each. The continuations decode compiled here as they do on
+    CUDA (on the CPU they would otherwise stay eager)."""
     monkeypatch.setattr(sample, "COMPILED_CONTINUATIONS", {"cpu", "cuda"})
     metrics = {}
     for decode, run in runs.items():
         run.cfg.mode, run.cfg.detector = mode, detector
         metrics[decode] = train.train_step(run, 3)
     a, b = metrics["eager"], metrics["compiled"]
+    assert {"rollout/len_mean", "opd/loss", "grad_norm"} <= a.keys() and (mode == "opd" or "topd/candidates" in a)
+    assert mode != "topd" or a["guide/tokens"] > 0  # the windows really ran
     for key in ("rollout/len_mean", "opd/teacher_kl", "opd/loss", "topd/candidates", "topd/nondiv_frac",
                 "guide/tokens", "guide/loss", "grad_norm"):
         if key in a:
