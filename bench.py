@@ -114,7 +114,7 @@ FULL = {
             layers=2, horizon=32, repeats=1, reference_length=2048),
     # section 7: the Qwen3-0.6B-shaped model decodes 512 and 2048 tokens on a GPU; on a CPU 128 (8 x 2048 tokens
     # would take about an hour of two cores per variant and repeat)
-    7: dict(models=("toy", "qwen3-0.6b"), lengths=(512, 2048), cpu_lengths=(128,), batch=8, repeats=2, steps=3),
+    7: dict(models=("toy", "qwen3-0.6b"), lengths=(512, 2048), cpu_lengths=(128,), batch=8, repeats=2, steps=15),
 }
 QUICK = {  # every code path, minimal work: the ratios are noise at these sizes
     1: dict(batch=4, prompt_len=(4, 16), new_tokens=16, vocab=32000, hidden=64, layers=2, repeats=2),
@@ -886,12 +886,16 @@ def section_decode(cfg, size, device, world, threads):
                   f"{tps['generate']:,.0f} ({ratio(tps['generate'], tps['eager']):.2f}x)", flush=True)
             details["results"][f"{name}-{L}"] = {"tokens_per_s": tps, "compile_seconds": compile_s}
         del model
-    # the toy's training step, eager vs compiled decoding (every variant at the same step indices: same prompts)
-    steps = {}
-    for decode in sample.DECODE_MODES:
-        run = make_run(world, "topd", "probe", toy.TRAIN_DEFAULTS["horizon"], device, ["--decode", decode])
-        train.train_step(run, 0)  # compiles (compiled) or warms up (eager)
-        steps[decode] = [train.train_step(run, k) for k in range(1, 1 + size["steps"])]
+    # the toy's training step, eager vs compiled decoding, the two runs stepping in turns (alternating_schedule: the
+    # same prompts at each step; a drift of the shared machine falls on both; measured: two 20-step train.py runs one
+    # after the other gave 1.88x and 1.32x sampling ratios on the same code). Round 0 compiles / warms up.
+    runs = {decode: make_run(world, "topd", "probe", toy.TRAIN_DEFAULTS["horizon"], device, ["--decode", decode])
+            for decode in sample.DECODE_MODES}
+    steps = {decode: [] for decode in runs}
+    for k, decode, keep in alternating_schedule(list(runs), size["steps"], 1):
+        metrics = train.train_step(runs[decode], k)
+        if keep:
+            steps[decode].append(metrics)
     sample_s = {d: median([m["time/sample"] for m in ms]) for d, ms in steps.items()}
     step_s = {d: median([m["time/step"] for m in ms]) for d, ms in steps.items()}
     section = "7 decode, toy topd + probe step"
