@@ -252,6 +252,24 @@ def test_a_given_world_is_used_as_built_and_named_by_its_hash(tmp_path, monkeypa
     assert "WARNING" in reproduce.world_check(world, "long")  # --long on another build: loud
 
 
+def test_the_shipped_long80_world_is_the_one_the_fresh_seeds_ran_on():
+    """data/toy-long-80 is the fresh-seed table's world: its weights hash to the table's hash (a changed or corrupted
+    file changes it), build.json records the same, and its student loads through from_pretrained at its 45% set
+    point's size."""
+    from pathlib import Path
+
+    import sample
+    import toy
+
+    world = Path(reproduce.ROOT) / "data" / "toy-long-80"
+    assert toy.world_hash(world) == reproduce.TABLE_WORLDS["long-80"]
+    build = json.loads((world / "build.json").read_text())
+    assert build["world_hash"] == reproduce.TABLE_WORLDS["long-80"] and build["accuracy"]["student"]["greedy"] == 0.45
+    student, _ = sample.load_policy(str(world / "student"))
+    assert sum(p.numel() for p in student.parameters()) == build["params"]["student"]
+    assert "long-80" in reproduce.world_check(world, "given")
+
+
 def test_paired_difference_hand_case_and_errors():
     """The docstring's example by hand: differences 0.1, 0.2, 0.1 -> mean 0.1333, sample sd 0.0577, t(2) 4.303:
     half-width 4.303 * 0.0577 / sqrt(3) = 0.1434; and a difference that is the same on every seed has a zero-width
