@@ -518,6 +518,15 @@ def _one_token(model, cache_kw: str, token, attention_mask, position, cache_posi
                  use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
 
 
+def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, position, cache_position, cache, weight,
+                            scale, softcap, cfg: SamplingConfig):
+    """_one_token, then the next draw's log-probs from its hidden states (_sampling_logprobs), in one compiled graph:
+    one guard check and one call per token instead of two (_StaticCache.draw uses them when the head is the last
+    draw's). Returns (hidden (B, d), log-probs (B, V))."""
+    hidden = _one_token(model, cache_kw, token, attention_mask, position, cache_position, cache)
+    return hidden, _sampling_logprobs(hidden, weight, scale, softcap, cfg)
+
+
 def _compiled(fn, device: torch.device):
     """fn under torch.compile, once per device type: the one-token step (_one_token) with CUDA graphs on CUDA
     (mode="reduce-overhead"), the draw's head and log-softmax (_sampling_logprobs) as plain compiled code (fused
@@ -532,7 +541,7 @@ def _compiled(fn, device: torch.device):
         # that has them (measured: train.py's token counter, checkpoint.ForwardTokens, then counted the prefill
         # and none of the decoding steps), and FSDP's hooks are what gather a sharded model's weights.
         torch._dynamo.config.skip_nnmodule_hook_guards = False
-        graphs = fn is _one_token and device.type == "cuda"
+        graphs = fn in (_one_token, _one_token_and_logprobs) and device.type == "cuda"
         _COMPILED[fn, device.type] = torch.compile(fn, mode="reduce-overhead" if graphs else None)
     return _COMPILED[fn, device.type]
 
@@ -581,6 +590,9 @@ class _StaticCache:
     def __init__(self, model, cache, mask: torch.Tensor, written: int, rows: int):
         self.model, self.cache, self.mask, self.column, self.rows = model, cache, mask, written, rows
         self.cache_kw, self.step = cache_kwarg(model), _compiled(_one_token, mask.device)
+        # the last draw's head (weight, scale, softcap, cfg): once known, each step also computes the next draw's
+        # log-probs (_one_token_and_logprobs), kept in `ahead` with the hidden states it returned
+        self.draw_with, self.ahead, self.head_changes = None, None, False
         # width -> the cache seen through its first `width` columns (see window), kept with the cache: a reused cache
         # comes back with the same view tensors, at the same addresses
         self.windows = _WINDOWS.setdefault(cache, {})
@@ -597,18 +609,35 @@ class _StaticCache:
         token = torch.cat([token, token.new_zeros(pad)]) if pad else token
         position = torch.cat([position, position.new_zeros(pad)]) if pad else position
         width = window_bucket(self.column + 1, self.mask.shape[1])
-        hidden = self.step(self.model, self.cache_kw, token[:, None], self.mask[:, :width], position[:, None],
-                           torch.tensor([self.column], device=self.mask.device), self.window(width))
+        args = (self.model, self.cache_kw, token[:, None], self.mask[:, :width], position[:, None],
+                torch.tensor([self.column], device=self.mask.device), self.window(width))
         self.column += 1
-        return hidden[:n]
+        if self.draw_with is None:
+            self.ahead = None
+            return self.step(*args)[:n]
+        hidden, logp = _compiled(_one_token_and_logprobs, self.mask.device)(*args, *self.draw_with)
+        self.ahead = (hidden[:n], logp[:n])
+        return self.ahead[0]
 
     def draw(self, head: Head, cfg: SamplingConfig, generator: torch.Generator):
         """_draw, compiled: the head, the sampling transforms and the log-softmax run as one compiled function, the
         multinomial draw (it needs the generator) stays eager, on the distribution's log-probs (softmax(log p) = p,
         the same probabilities up to float rounding: the same ids, tested). Eager's draw is a dozen small operations,
-        token_logprobs' checks and chunking included: on the CPU toy (32 rows, 25 columns) 0.45 ms vs 0.25 ms."""
-        logp = _compiled(_sampling_logprobs, head.hidden.device)(head.hidden, head.weight, head.scale, head.softcap,
-                                                                 cfg)  # (N, V)
+        token_logprobs' checks and chunking included: on the CPU toy (32 rows, 25 columns) 0.45 ms vs 0.25 ms.
+        From the second draw of a loop on, the step that returned head.hidden has already computed these log-probs
+        in its own graph (the same head: the same weight tensor, scale, softcap and cfg; under FSDP without
+        unsharded rollouts the weight is gathered anew for every head, and each draw computes its own)."""
+        now = (head.weight, head.scale, head.softcap, cfg)
+        same_head = self.draw_with is not None and self.draw_with[0] is now[0] and self.draw_with[1:] == now[1:]
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] is head.hidden and same_head:
+            logp = ahead[1]  # (N, V)
+        else:
+            logp = _compiled(_sampling_logprobs, head.hidden.device)(head.hidden, *now)  # (N, V)
+        if self.draw_with is None and not self.head_changes:  # the loop's first draw: the steps compute ahead
+            self.draw_with = now
+        elif not same_head:  # a new head at every draw (see above): each draw computes its own from here on
+            self.draw_with, self.head_changes = None, True
         token = _pick(logp, cfg, generator)
         return token, logp.gather(-1, token[:, None]).squeeze(-1)
 

@@ -61,6 +61,28 @@ def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models, monke
     assert static_prefixes == [1]  # the second set of continuations really went through the compiled step
 
 
+def test_compiled_draws_take_their_logprobs_from_the_step(models, monkeypatch):
+    """After a loop's first draw (from the prefill's hidden states), each compiled step computes the next draw's
+    log-probs in its own graph: the separate draw function runs once per loop, not once per token."""
+    world, student, tok, _ = models
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return sample._sampling_logprobs(*args)
+
+    monkeypatch.setitem(sample._COMPILED, (sample._sampling_logprobs, "cpu"), counted)
+    ro = _sample(student, tok, "compiled")
+    assert len(calls) == 1 and ro.response_mask.sum(1).max() >= 5
+    # a head whose weight is a new tensor at every draw (FSDP gathering it per call, rollouts not unsharded): the
+    # steps' log-probs would be for the old one, so every draw computes its own, and draws what eager draws
+    full_weight = sample._full_weight
+    monkeypatch.setattr(sample, "_full_weight", lambda *a: full_weight(*a).clone())
+    calls.clear()
+    again, eager = _sample(student, tok, "compiled"), _sample(student, tok, "eager")
+    assert len(calls) == again.response_mask.shape[1] and torch.equal(again.ids, eager.ids)
+
+
 def test_continuations_decode_compiled_only_where_it_pays():
     """On the CPU a compiled step is no faster for the probe's hundreds of rows and its continuations would pay a
     copy into a static cache, so they stay eager there; on CUDA they follow --decode."""
