@@ -434,9 +434,9 @@ def _decode(step, to_head, first_hidden, next_position, num_steps, cfg, generato
     final hidden states that predict the next one (_GrowingCache, the eager reference, or _StaticCache, compiled);
     `attend` is False for rows that have ended, whose new column the model must then never attend to. The model
     runs inside hidden_states_out, and each draw (step.draw: _draw, or its compiled twin) uses the fp32 logits of
-    to_head(hidden) (fused_kernels.Head: the head's matmul in fp32, the family's logit transform). The sampler's log-probs therefore come from fp32 logits like
-    every score they are compared with (the probe's margins, the sampler-vs-learner check): a bf16 model's own logits
-    would round them by up to ~0.1 nats.
+    to_head(hidden) (fused_kernels.Head: the head's matmul in fp32, the family's logit transform). The sampler's
+    log-probs therefore come from fp32 logits like every score they are compared with (the probe's margins, the
+    sampler-vs-learner check): a bf16 model's own logits would round them by up to ~0.1 nats.
     first_hidden (N, d) predicts the first new token; next_position (N,) is the position id of the first new token.
     Returns tokens (N, S), their sampler log-probs (N, S), the valid mask (N, S): 1 up to and including the first
     EOS, 0 after (rows that finished keep being fed `pad_id`, which nothing ever attends to), and (keep_hidden) the
@@ -528,9 +528,9 @@ def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, positio
 
 
 def _compiled(fn, device: torch.device):
-    """fn under torch.compile, once per device type: the one-token step (_one_token) with CUDA graphs on CUDA
-    (mode="reduce-overhead"), the draw's head and log-softmax (_sampling_logprobs) as plain compiled code (fused
-    kernels, no graphs: its weight may be gathered anew at every step under FSDP)."""
+    """fn under torch.compile, once per device type: the one-token steps (_one_token, _one_token_and_logprobs) with
+    CUDA graphs on CUDA (mode="reduce-overhead"); a loop's first draw, from the prefill's hidden states, and the
+    draws from a head gathered anew each time (_sampling_logprobs) as plain compiled code, without graphs."""
     if (fn, device.type) not in _COMPILED:
         import torch._dynamo
 
@@ -636,6 +636,8 @@ class _StaticCache:
             logp = _compiled(_sampling_logprobs, head.hidden.device)(head.hidden, *now)  # (N, V)
         if self.draw_with is None and not self.head_changes:  # the loop's first draw: the steps compute ahead
             self.draw_with = now
+            if head.weight.is_cuda:  # else CUDA graphs copy this (V, d) input into a buffer of theirs at each replay
+                torch._dynamo.mark_static_address(head.weight)
         elif not same_head:  # a new head at every draw (see above): each draw computes its own from here on
             self.draw_with, self.head_changes = None, True
         token = _pick(logp, cfg, generator)
