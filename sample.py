@@ -453,8 +453,8 @@ def _decode(step, to_head, first_hidden, next_position, num_steps, cfg, generato
             token, logp = torch.full_like(done, pad_id, dtype=torch.long), torch.zeros(done.shape, device=done.device)
         else:
             token, logp = step.draw(to_head(hidden), cfg, generator)  # (N,), (N,)
-        if keep_hidden:
-            kept.append(hidden)
+        if keep_hidden:  # a copy: a CUDA graph's output lives in memory that the graph's next replay reuses
+            kept.append(hidden.clone())
         token = torch.where(done, pad_id, token)
         valid.append(~done)  # tokens up to and including the EOS are valid
         tokens.append(token)
@@ -529,12 +529,15 @@ def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, positio
 
 def _compiled(fn, device: torch.device):
     """fn under torch.compile, once per device type: the one-token steps (_one_token, _one_token_and_logprobs) with
-    CUDA graphs on CUDA (mode="reduce-overhead"); a loop's first draw, from the prefill's hidden states, and the
-    draws from a head gathered anew each time (_sampling_logprobs) as plain compiled code, without graphs."""
+    CUDA graphs on CUDA (mode="reduce-overhead"); a loop's first draw (from the prefill's hidden states, or the
+    continuation's first step) and the draws from a head that is a new tensor each time (_sampling_logprobs) as
+    plain compiled code, without graphs."""
     if (fn, device.type) not in _COMPILED:
         import torch._dynamo
 
-        # one compiled graph per (model, rows bucket, columns bucket): room for both models and a few buckets each
+        # one compiled graph per (model, rows bucket, window bucket, sampling settings): room for both models, a
+        # few buckets each and the rollouts' and continuations' settings (past the limit dynamo runs new cases
+        # uncompiled: the same numbers, eager speed)
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         # Guard on modules' hooks (torch skips those guards by default): the same graph serves every model of the
         # same shapes, so without them a graph traced for a model with no hook silently skips the hooks of one
@@ -625,8 +628,9 @@ class _StaticCache:
         the same probabilities up to float rounding: the same ids, tested). Eager's draw is a dozen small operations,
         token_logprobs' checks and chunking included: on the CPU toy (32 rows, 25 columns) 0.45 ms vs 0.25 ms.
         From the second draw of a loop on, the step that returned head.hidden has already computed these log-probs
-        in its own graph (the same head: the same weight tensor, scale, softcap and cfg; under FSDP without
-        unsharded rollouts the weight is gathered anew for every head, and each draw computes its own)."""
+        in its own graph, when the head is the same: the same weight tensor, scale, softcap and cfg. (FSDP2 keeps
+        one unsharded Parameter per weight and refills it in place, so that holds under FSDP too; a head whose
+        weight were a new tensor at every draw would make each draw compute its own, which a test simulates.)"""
         now = (head.weight, head.scale, head.softcap, cfg)
         same_head = self.draw_with is not None and self.draw_with[0] is now[0] and self.draw_with[1:] == now[1:]
         ahead, self.ahead = self.ahead, None
@@ -635,9 +639,7 @@ class _StaticCache:
         else:
             logp = _compiled(_sampling_logprobs, head.hidden.device)(head.hidden, *now)  # (N, V)
         if self.draw_with is None and not self.head_changes:  # the loop's first draw: the steps compute ahead
-            self.draw_with = now
-            if head.weight.is_cuda:  # else CUDA graphs copy this (V, d) input into a buffer of theirs at each replay
-                torch._dynamo.mark_static_address(head.weight)
+            self.draw_with = now  # (the weight is a Parameter: CUDA graphs read it in place, never copy it)
         elif not same_head:  # a new head at every draw (see above): each draw computes its own from here on
             self.draw_with, self.head_changes = None, True
         token = _pick(logp, cfg, generator)

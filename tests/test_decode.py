@@ -25,9 +25,10 @@ def models(fast_world):
     return world, student, tok, teacher
 
 
-def _sample(model, tok, decode, keep_cache=False, seed=0):
+def _sample(model, tok, decode, keep_cache=False, seed=0, **settings):
     ids, _ = sample.encode_prompts(tok, PROMPTS)
-    return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=20, decode=decode),
+    return sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=20, decode=decode,
+                                                                             **settings),
                                   eos_ids=[EOS_ID], pad_id=PAD_ID, keep_cache=keep_cache,
                                   generator=sample.make_generator(seed, device="cpu"))
 
@@ -59,6 +60,21 @@ def test_compiled_rollouts_and_continuations_draw_what_eager_draws(models, monke
     assert torch.allclose(conts[0].logprobs, conts[1].logprobs, atol=1e-5)
     assert torch.allclose(conts[0].head.hidden, conts[1].head.hidden, atol=1e-5)
     assert static_prefixes == [1]  # the second set of continuations really went through the compiled step
+
+
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=0.7, top_k=5),
+                                      dict(temperature=1.3, top_p=0.8)])
+def test_compiled_draws_what_eager_draws_greedy_and_truncated(models, settings):
+    """The compiled draw runs sampling_logits (temperature, top-k's threshold, top-p's sort and cumulative sum)
+    under inductor, then draws from the log-softmax: greedy picks the same argmax, and the truncated distributions
+    keep and drop the same tokens, so the ids are eager's; the log-probs to 1e-5."""
+    _, student, tok, _ = models
+    eager, compiled = _sample(student, tok, "eager", seed=3, **settings), \
+        _sample(student, tok, "compiled", seed=3, **settings)
+    assert torch.equal(eager.ids, compiled.ids) and torch.equal(eager.response_mask, compiled.response_mask)
+    assert torch.allclose(eager.logprobs, compiled.logprobs, atol=1e-5)
+    if settings["temperature"] > 0:  # a real sample: some drawn tokens had probability below 1
+        assert (eager.logprobs * eager.response_mask).sum() < 0
 
 
 def test_compiled_draws_take_their_logprobs_from_the_step(models, monkeypatch):
