@@ -494,7 +494,8 @@ class _GrowingCache:
 #     layout as the eager cache ([left-padded prompt | response]), so the probe cuts its states out of it in the same
 #     way (cache_rows), with the columns not yet written masked out;
 #   * the step is the model's decoder (no LM head: the fused head computes the fp32 logits) under torch.compile,
-#     mode="reduce-overhead" on CUDA (CUDA graphs: one launch per token), inductor's C++ code on the CPU;
+#     mode="reduce-overhead" on CUDA (CUDA graphs: one launch per token), inductor's C++ code on the CPU; the
+#     rollouts' prefill is compiled too, without graphs, its prompt width symbolic;
 #   * shapes are bucketed, rows to a power of two and cache columns to a multiple of 64, so that a run compiles a
 #     handful of times, not at every step; the padding rows attend to one column, are never drawn from, and never
 #     touch the real rows (every operation of a decoder is per row);
@@ -518,6 +519,16 @@ def _one_token(model, cache_kw: str, token, attention_mask, position, cache_posi
                  use_cache=True, logits_to_keep=1, **{cache_kw: cache}).logits[:, -1]
 
 
+def _prefill(model, cache_kw: str, ids, attention_mask, position, cache_position, cache):
+    """The prompts (B, P) through the model into the static cache's first P columns: _one_token's forward over P
+    tokens per row, compiled on its own, without CUDA graphs (prompt widths vary from batch to batch: dynamo
+    specialises on the first width and makes it symbolic at the second, so every later width reuses that graph).
+    On the CPU toy an eager prefill costs as much as ~10 compiled tokens, transformers' Python around a tiny model.
+    Returns the hidden states (B, d) that predict the first new token, contiguous (a view into a (B, P, d) tensor
+    would give the first draw's compiled head a stride that changes with P, hence a graph per width)."""
+    return _one_token(model, cache_kw, ids, attention_mask, position, cache_position, cache).contiguous()
+
+
 def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, position, cache_position, cache, weight,
                             scale, softcap, cfg: SamplingConfig):
     """_one_token, then the next draw's log-probs from its hidden states (_sampling_logprobs), in one compiled graph:
@@ -529,9 +540,9 @@ def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, positio
 
 def _compiled(fn, device: torch.device):
     """fn under torch.compile, once per device type: the one-token steps (_one_token, _one_token_and_logprobs) with
-    CUDA graphs on CUDA (mode="reduce-overhead"); a loop's first draw (from the prefill's hidden states, or the
-    continuation's first step) and the draws from a head that is a new tensor each time (_sampling_logprobs) as
-    plain compiled code, without graphs."""
+    CUDA graphs on CUDA (mode="reduce-overhead"); the rollouts' prefill (_prefill), a loop's first draw (from the
+    prefill's hidden states, or the continuation's first step) and the draws from a head that is a new tensor each
+    time (_sampling_logprobs) as plain compiled code, without graphs."""
     if (fn, device.type) not in _COMPILED:
         import torch._dynamo
 
@@ -695,6 +706,12 @@ def take_static_cache(model, rows: int, columns: int, device: torch.device):
         cache.reset()
         return cache
     cache = StaticCache(config=model.config, max_cache_len=columns)
+    # Allocated now, not at the first write as transformers does by default: that write is the compiled prefill's,
+    # which would then allocate the layers inside its graph and need a second graph for the caches that come back
+    # from the pool already allocated. (Layers that cannot be allocated early, a sliding window's, stay lazy.)
+    text = model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    cache.early_initialization(rows, text.num_key_value_heads, head_dim, autocast or key[3], device)
     _KEYS[cache] = key
     return cache
 
@@ -714,8 +731,8 @@ def recycle_cache(model, cache) -> None:
 
 def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int):
     """Prefill for compiled rollouts: a StaticCache of row_bucket(B) x column_bucket(P + new_tokens) from the pool,
-    the left-padded prompts (B, P) written into its first P columns. Returns (the step, the prompts' last hidden
-    states (B, d))."""
+    the left-padded prompts (B, P) written into its first P columns by the compiled prefill (_prefill). Returns (the
+    step, the prompts' last hidden states (B, d))."""
     B, P = ids.shape
     rows, columns = row_bucket(B), column_bucket(P + new_tokens)
     full = torch.zeros(rows, columns, dtype=torch.long, device=ids.device)  # (rows, L) the mask over every column
@@ -724,9 +741,8 @@ def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_toke
     padded = torch.cat([ids, ids.new_zeros(rows - B, P)]) if rows > B else ids
     positions = position_ids_from_mask(full[:, :P])
     cache = take_static_cache(model, rows, columns, ids.device)
-    extra = {cache_kwarg(model): cache}
-    hidden = model(input_ids=padded, attention_mask=full, position_ids=positions, use_cache=True, logits_to_keep=1,
-                   cache_position=torch.arange(P, device=ids.device), **extra).logits[:B, -1]  # (B, d): hidden
+    hidden = _compiled(_prefill, ids.device)(model, cache_kwarg(model), padded, full, positions,
+                                             torch.arange(P, device=ids.device), cache)[:B]  # (B, d)
     return _StaticCache(model, cache, full, P, B), hidden
 
 

@@ -77,6 +77,24 @@ def test_compiled_draws_what_eager_draws_greedy_and_truncated(models, settings):
         assert (eager.logprobs * eager.response_mask).sum() < 0
 
 
+def test_compiled_rollouts_under_bf16_autocast_agree_with_eager(models):
+    """bf16 compute (train.py on CUDA, or --dtype bfloat16): the static cache is allocated before the prefill in the
+    dtype the keys will have, autocast's, not the fp32 weights' (a wrong guess fails at the first cache write), and
+    compiled decoding agrees with eager to bf16 rounding: the two sum in other orders, so ids may part at a near
+    tie; up to the first token where any row's ids differ (the same generator), the sampler's log-probs agree within
+    0.05 nats."""
+    _, student, tok, _ = models
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, compiled = (_sample(student, tok, decode, keep_cache=True, seed=5) for decode in ("eager", "compiled"))
+    assert compiled.cache.layers[0].keys.dtype == torch.bfloat16
+    same = (eager.ids == compiled.ids).all(0)[eager.prompt_width:]  # (R,) every row agrees at this column
+    agree = int(same.long().cumprod(0).sum())  # leading columns where every row agrees
+    assert agree >= 5
+    mask = eager.response_mask[:, :agree].bool()
+    diff = (eager.logprobs[:, :agree] - compiled.logprobs[:, :agree]).abs()[mask]
+    assert diff.max() < 0.05 and (eager.logprobs[:, :agree][mask] < 0).any()  # not all exactly 0: a real check
+
+
 def test_compiled_draws_take_their_logprobs_from_the_step(models, monkeypatch):
     """After a loop's first draw (from the prefill's hidden states), each compiled step computes the next draw's
     log-probs in its own graph: the separate draw function runs once per loop, not once per token."""
@@ -183,6 +201,36 @@ def test_a_counted_model_compiles_once_per_shape_and_counts_exactly(models):
     ro = rollouts(model)
     assert len(_debug_get_cache_entry_list(sample._one_token.__code__)) - graphs <= 2
     assert counter.take() == 8 * ro.prompt_width + 8 * 29 and counter.take() == 0
+
+
+def test_the_compiled_prefill_serves_every_prompt_width_with_two_graphs(models):
+    """The rollouts' prefill is compiled (sample._prefill), and prompt widths change from batch to batch: dynamo
+    compiles the first width as it is and the second with the width symbolic, which then serves every later width.
+    Two regressions this counts: a pooled cache must not need a graph of its own (the first batch's cache is new, the
+    second's, of the same width, comes back from the pool: transformers allocates a StaticCache's layers at their
+    first write, inside the prefill's graph, unless take_static_cache allocates them first), and the prefill's
+    hidden states are contiguous, so the first draw's compiled head (_sampling_logprobs) sees the same strides at
+    every width (a (B, P, d) view made it compile a graph per width). Ids equal eager's at each width."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    _, student, tok, _ = models
+    model = copy.deepcopy(student)  # its own graphs: those of other tests' models do not count
+    batches = [["15+16-47=?\n", "3+4=?\n"], ["15+16-47=?\n", "7+8=?\n"], ["99-1+12=?\n", "7+8=?\n"],
+               ["40-3=?\n", "7+8=?\n"], ["3+4=?\n", "7+8=?\n"]]
+    graphs = {fn: len(_debug_get_cache_entry_list(fn.__code__)) for fn in (sample._prefill, sample._sampling_logprobs)}
+    widths = []
+    for k, batch in enumerate(batches):
+        ids, _ = sample.encode_prompts(tok, batch)
+        eager, compiled = (sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=8,
+                                                                                             decode=decode),
+                                                  eos_ids=[-1], pad_id=PAD_ID,
+                                                  generator=sample.make_generator(k, device="cpu"))
+                           for decode in ("eager", "compiled"))
+        assert torch.equal(eager.ids, compiled.ids)
+        widths.append(compiled.prompt_width)
+    assert len(set(widths)) == 4 and widths[0] == widths[1]
+    assert len(_debug_get_cache_entry_list(sample._prefill.__code__)) - graphs[sample._prefill] <= 2
+    assert len(_debug_get_cache_entry_list(sample._sampling_logprobs.__code__)) - graphs[sample._sampling_logprobs] <= 1
 
 
 def test_compiled_shapes_are_bucketed():
