@@ -494,8 +494,8 @@ class _GrowingCache:
 #     layout as the eager cache ([left-padded prompt | response]), so the probe cuts its states out of it in the same
 #     way (cache_rows), with the columns not yet written masked out;
 #   * the step is the model's decoder (no LM head: the fused head computes the fp32 logits) under torch.compile,
-#     mode="reduce-overhead" on CUDA (CUDA graphs: one launch per token), inductor's C++ code on the CPU; the
-#     rollouts' prefill is compiled too, without graphs, its prompt width symbolic;
+#     mode="reduce-overhead" on CUDA (CUDA graphs: one launch per token), inductor's C++ code on the CPU, where the
+#     rollouts' prefill is compiled too (COMPILED_PREFILL), its prompt width symbolic;
 #   * shapes are bucketed, rows to a power of two and cache columns to a multiple of 64, so that a run compiles a
 #     handful of times, not at every step; the padding rows attend to one column, are never drawn from, and never
 #     touch the real rows (every operation of a decoder is per row);
@@ -521,11 +521,11 @@ def _one_token(model, cache_kw: str, token, attention_mask, position, cache_posi
 
 def _prefill(model, cache_kw: str, ids, attention_mask, position, cache_position, cache):
     """The prompts (B, P) through the model into the static cache's first P columns: _one_token's forward over P
-    tokens per row, compiled on its own, without CUDA graphs (prompt widths vary from batch to batch: dynamo
-    specialises on the first width and makes it symbolic at the second, so every later width reuses that graph).
-    On the CPU toy an eager prefill costs as much as ~10 compiled tokens, transformers' Python around a tiny model.
-    Returns the hidden states (B, d) that predict the first new token, contiguous (a view into a (B, P, d) tensor
-    would give the first draw's compiled head a stride that changes with P, hence a graph per width)."""
+    tokens per row. Compiled on its own where that pays (COMPILED_PREFILL), without CUDA graphs: prompt widths vary
+    from batch to batch, so dynamo specialises on the first width and makes it symbolic at the second, and every
+    later width reuses that graph. Returns the hidden states (B, d) that predict the first new token, contiguous (a
+    view into a (B, P, d) tensor would give the first draw's compiled head a stride that changes with P, hence a
+    graph per width)."""
     return _one_token(model, cache_kw, ids, attention_mask, position, cache_position, cache).contiguous()
 
 
@@ -540,9 +540,9 @@ def _one_token_and_logprobs(model, cache_kw: str, token, attention_mask, positio
 
 def _compiled(fn, device: torch.device):
     """fn under torch.compile, once per device type: the one-token steps (_one_token, _one_token_and_logprobs) with
-    CUDA graphs on CUDA (mode="reduce-overhead"); the rollouts' prefill (_prefill), a loop's first draw (from the
-    prefill's hidden states, or the continuation's first step) and the draws from a head that is a new tensor each
-    time (_sampling_logprobs) as plain compiled code, without graphs."""
+    CUDA graphs on CUDA (mode="reduce-overhead"); the rollouts' prefill (_prefill, on the CPU), a loop's first draw
+    (from the prefill's hidden states, or the continuation's first step) and the draws from a head that is a new
+    tensor each time (_sampling_logprobs) as plain compiled code, without graphs."""
     if (fn, device.type) not in _COMPILED:
         import torch._dynamo
 
@@ -583,6 +583,13 @@ def window_bucket(columns_in_use: int, width: int) -> int:
 # (the toy step's probe phase took 2.2 s compiled vs 1.7 s eager), so compiled decoding leaves them eager except on
 # the device types listed here, where CUDA graphs replace a few hundred kernel launches per token by one.
 COMPILED_CONTINUATIONS = {"cuda"}
+
+
+# The rollouts' prefill is one forward per batch. On the CPU toy transformers' Python around a tiny model makes it
+# cost ~10 compiled tokens (compiling it took the toy step's sampling from 0.69-0.71x eager to 0.62-0.68x); on CUDA
+# it is one forward of large kernels whose launches are a small share of it, and compiling it would only add compile
+# time and dynamic-shape graphs (transformers advises against compiling a prefill), so it stays eager there.
+COMPILED_PREFILL = {"cpu"}
 
 
 def continuation_decode(decode: str, device) -> str:
@@ -731,7 +738,7 @@ def recycle_cache(model, cache) -> None:
 
 def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int):
     """Prefill for compiled rollouts: a StaticCache of row_bucket(B) x column_bucket(P + new_tokens) from the pool,
-    the left-padded prompts (B, P) written into its first P columns by the compiled prefill (_prefill). Returns (the
+    the left-padded prompts (B, P) written into its first P columns by _prefill (compiled on the CPU). Returns (the
     step, the prompts' last hidden states (B, d))."""
     B, P = ids.shape
     rows, columns = row_bucket(B), column_bucket(P + new_tokens)
@@ -741,8 +748,9 @@ def _static_rollout_cache(model, ids: torch.Tensor, mask: torch.Tensor, new_toke
     padded = torch.cat([ids, ids.new_zeros(rows - B, P)]) if rows > B else ids
     positions = position_ids_from_mask(full[:, :P])
     cache = take_static_cache(model, rows, columns, ids.device)
-    hidden = _compiled(_prefill, ids.device)(model, cache_kwarg(model), padded, full, positions,
-                                             torch.arange(P, device=ids.device), cache)[:B]  # (B, d)
+    prefill = _compiled(_prefill, ids.device) if ids.device.type in COMPILED_PREFILL else _prefill
+    hidden = prefill(model, cache_kwarg(model), padded, full, positions, torch.arange(P, device=ids.device),
+                     cache)[:B]  # (B, d)
     return _StaticCache(model, cache, full, P, B), hidden
 
 
