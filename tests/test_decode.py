@@ -203,7 +203,7 @@ def test_a_counted_model_compiles_once_per_shape_and_counts_exactly(models):
     assert counter.take() == 8 * ro.prompt_width + 8 * 29 and counter.take() == 0
 
 
-def test_the_compiled_prefill_serves_every_prompt_width_with_two_graphs(models):
+def test_the_compiled_prefill_serves_every_prompt_width_with_two_graphs(models, monkeypatch):
     """The rollouts' prefill is compiled (sample._prefill), and prompt widths change from batch to batch: dynamo
     compiles the first width as it is and the second with the width symbolic, which then serves every later width.
     Two regressions this counts: a pooled cache must not need a graph of its own (the first batch's cache is new, the
@@ -231,6 +231,16 @@ def test_the_compiled_prefill_serves_every_prompt_width_with_two_graphs(models):
     assert len(set(widths)) == 4 and widths[0] == widths[1]
     assert len(_debug_get_cache_entry_list(sample._prefill.__code__)) - graphs[sample._prefill] <= 2
     assert len(_debug_get_cache_entry_list(sample._sampling_logprobs.__code__)) - graphs[sample._sampling_logprobs] <= 1
+    # where the prefill stays eager (CUDA: sample.COMPILED_PREFILL), the same pooled, pre-allocated cache still draws
+    # eager's ids, and adds no prefill graph
+    monkeypatch.setattr(sample, "COMPILED_PREFILL", set())
+    ids, _ = sample.encode_prompts(tok, batches[2])
+    eager, compiled = (sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=8,
+                                                                                         decode=decode),
+                                              eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(9, device="cpu"))
+                       for decode in ("eager", "compiled"))
+    assert torch.equal(eager.ids, compiled.ids)
+    assert len(_debug_get_cache_entry_list(sample._prefill.__code__)) - graphs[sample._prefill] <= 2
 
 
 def test_compiled_shapes_are_bucketed():
