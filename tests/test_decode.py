@@ -237,7 +237,8 @@ def test_the_compiled_prefill_serves_every_prompt_width_with_two_graphs(models, 
     ids, _ = sample.encode_prompts(tok, batches[2])
     eager, compiled = (sample.sample_rollouts(model, ids, sampling=sample.SamplingConfig(max_new_tokens=8,
                                                                                          decode=decode),
-                                              eos_ids=[-1], pad_id=PAD_ID, generator=sample.make_generator(9, device="cpu"))
+                                              eos_ids=[-1], pad_id=PAD_ID,
+                                              generator=sample.make_generator(9, device="cpu"))
                        for decode in ("eager", "compiled"))
     assert torch.equal(eager.ids, compiled.ids)
     assert len(_debug_get_cache_entry_list(sample._prefill.__code__)) - graphs[sample._prefill] <= 2
