@@ -715,10 +715,12 @@ def take_static_cache(model, rows: int, columns: int, device: torch.device):
     cache = StaticCache(config=model.config, max_cache_len=columns)
     # Allocated now, not at the first write as transformers does by default: that write is the compiled prefill's,
     # which would then allocate the layers inside its graph and need a second graph for the caches that come back
-    # from the pool already allocated. (Layers that cannot be allocated early, a sliding window's, stay lazy.)
-    text = model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    cache.early_initialization(rows, text.num_key_value_heads, head_dim, autocast or key[3], device)
+    # from the pool already allocated. (Layers that cannot be allocated early, a sliding window's, stay lazy; so do
+    # all of them on a transformers without early_initialization: the same numbers, one more graph.)
+    if hasattr(cache, "early_initialization"):
+        text = model.config.get_text_config()
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        cache.early_initialization(rows, text.num_key_value_heads, head_dim, autocast or key[3], device)
     _KEYS[cache] = key
     return cache
 
