@@ -586,9 +586,10 @@ COMPILED_CONTINUATIONS = {"cuda"}
 
 
 # The rollouts' prefill is one forward per batch. On the CPU toy transformers' Python around a tiny model makes it
-# cost ~7 compiled tokens (profiled: 13.5 ms vs 1.9 ms) (compiling it took the toy step's sampling from 0.69-0.71x eager to 0.62-0.68x); on CUDA
-# it is one forward of large kernels whose launches are a small share of it, and compiling it would only add compile
-# time and dynamic-shape graphs (transformers advises against compiling a prefill), so it stays eager there.
+# cost ~7 compiled tokens (profiled: 13.5 ms vs 1.9 ms); compiling it took the toy step's sampling from 0.69-0.71x
+# eager to 0.62-0.68x. On CUDA it is one forward of large kernels whose launches are a small share of it, and
+# compiling it would only add compile time and dynamic-shape graphs (transformers advises against compiling a
+# prefill), so it stays eager there.
 COMPILED_PREFILL = {"cpu"}
 
 
